@@ -1,0 +1,138 @@
+package keystore
+
+import (
+	"crypto/hpke"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"sync"
+)
+
+// Suite names the one cipher suite keyfs uses: a post-quantum hybrid KEM,
+// HKDF-SHA256, and AES-256-GCM for values.
+const Suite = "MLKEM768X25519,HKDF-SHA256,AES-256-GCM"
+
+// SeedSize is the size of the master seed the TPM seals.
+const SeedSize = 32
+
+func kem() hpke.KEM { return hpke.MLKEM768X25519() }
+
+// PublicKey is the master public key: anyone holding it can seal records.
+type PublicKey struct {
+	pub hpke.PublicKey
+	KID string // first 8 bytes of SHA-256 of the key, hex
+}
+
+func newPublicKey(pub hpke.PublicKey) *PublicKey {
+	sum := sha256.Sum256(pub.Bytes())
+	return &PublicKey{pub: pub, KID: hex.EncodeToString(sum[:8])}
+}
+
+// Marshal returns the public key armor, as written to master.pub.
+func (p *PublicKey) Marshal() []byte { return p.marshalAs("pubkey") }
+
+func (p *PublicKey) marshalAs(kind string) []byte {
+	a := armor{kind: kind, headers: []header{{"kid", p.KID}, {"suite", Suite}}, body: p.pub.Bytes()}
+	return a.marshal()
+}
+
+// ParsePublicKey reads a master public key armor.
+func ParsePublicKey(data []byte) (*PublicKey, error) { return parsePublicKeyAs(data, "pubkey") }
+
+func parsePublicKeyAs(data []byte, kind string) (*PublicKey, error) {
+	a, err := parseArmor(data, kind, "kid", "suite")
+	if err != nil {
+		return nil, err
+	}
+	if s := a.get("suite"); s != Suite {
+		return nil, fmt.Errorf("%w: public key suite %q is not supported (want %s)", ErrIntegrity, s, Suite)
+	}
+	pub, err := kem().NewPublicKey(a.body)
+	if err != nil {
+		return nil, fmt.Errorf("%w: public key body is not a valid %s key: %w", ErrIntegrity, Suite, err)
+	}
+	p := newPublicKey(pub)
+	if p.KID != a.get("kid") {
+		return nil, fmt.Errorf("%w: public key says kid %s but its key hashes to %s (edited?)", ErrIntegrity, a.get("kid"), p.KID)
+	}
+	return p, nil
+}
+
+// MasterKey is the unsealed master private key. It lives only in the
+// daemon's memory; Close drops it and wipes the data keys it cached.
+type MasterKey struct {
+	priv hpke.PrivateKey
+	pub  *PublicKey
+
+	mu   sync.Mutex
+	deks map[[32]byte][]byte // per-record data keys, by sha256(info, enc)
+}
+
+// maxCachedDEKs bounds the data-key cache (32 bytes each).
+const maxCachedDEKs = 1 << 17
+
+// NewMasterKey derives the master key pair from the TPM-sealed seed. The
+// caller wipes seed. Go's KEM keys cannot be zeroed in place: the daemon
+// locks its memory and disables core dumps instead.
+func NewMasterKey(seed []byte) (*MasterKey, error) {
+	if len(seed) != SeedSize {
+		return nil, fmt.Errorf("%w: master seed is %d bytes, want %d", ErrIntegrity, len(seed), SeedSize)
+	}
+	priv, err := kem().DeriveKeyPair(seed)
+	if err != nil {
+		return nil, fmt.Errorf("derive master key: %w", err)
+	}
+	return &MasterKey{priv: priv, pub: newPublicKey(priv.PublicKey()), deks: map[[32]byte][]byte{}}, nil
+}
+
+// Public returns the master public key.
+func (m *MasterKey) Public() *PublicKey { return m.pub }
+
+// KID is the master key's id.
+func (m *MasterKey) KID() string { return m.pub.KID }
+
+// Close wipes cached data keys and drops the private key.
+func (m *MasterKey) Close() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for k, v := range m.deks {
+		clear(v)
+		delete(m.deks, k)
+	}
+	m.priv = nil
+}
+
+// dek returns the record's data key, from cache or by one HPKE decapsulation.
+func (m *MasterKey) dek(info, enc []byte) ([]byte, error) {
+	h := sha256.New()
+	h.Write(info)
+	h.Write([]byte{0})
+	h.Write(enc)
+	var id [32]byte
+	h.Sum(id[:0])
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if k, ok := m.deks[id]; ok {
+		return k, nil
+	}
+	if m.priv == nil {
+		return nil, fmt.Errorf("master key is closed")
+	}
+	r, err := hpke.NewRecipient(enc, m.priv, hpke.HKDFSHA256(), hpke.ExportOnly(), info)
+	if err != nil {
+		return nil, err
+	}
+	k, err := r.Export(dekContext, 32)
+	if err != nil {
+		return nil, err
+	}
+	if len(m.deks) >= maxCachedDEKs {
+		for id, v := range m.deks {
+			clear(v)
+			delete(m.deks, id)
+		}
+	}
+	m.deks[id] = k
+	return k, nil
+}

@@ -1,0 +1,184 @@
+package keystore
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hpke"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// MaxValueSize is the largest value keyfs stores.
+const MaxValueSize = 64 << 10
+
+// ErrKIDMismatch marks a record sealed to another master key.
+var ErrKIDMismatch = errors.New("record sealed to another master key")
+
+// KIDMismatchError says which key a record wants and which one is here.
+type KIDMismatchError struct{ Record, Have string }
+
+func (e *KIDMismatchError) Error() string {
+	return fmt.Sprintf("sealed to kid %s, this node holds kid %s: reseal the value with this node's public key (keyfs pubkey)", e.Record, e.Have)
+}
+
+func (e *KIDMismatchError) Is(target error) bool {
+	return target == ErrKIDMismatch || target == ErrIntegrity
+}
+
+// Record is one sealed value: headers in the clear, value encrypted.
+//
+// Payload: HPKE (export-only) encapsulation to the master key with info
+// binding format, tenant and name; the exported secret is a per-record data
+// key for AES-256-GCM over the value, with every header as additional data.
+// A data key is unique to its record, so the GCM nonce is fixed. The daemon
+// caches data keys, so a repeated open costs one AES-GCM decryption.
+type Record struct {
+	KID     string
+	Tenant  string
+	Name    string
+	Version uint64
+	Created time.Time
+
+	enc, ct []byte
+}
+
+const (
+	recordKind = "record"
+	encSize    = 1120 // MLKEM768X25519 encapsulation
+	tagSize    = 16
+	dekContext = "keyfs data key"
+)
+
+var zeroNonce = make([]byte, 12)
+
+func recordInfo(tenant, name string) []byte {
+	return []byte("keyfs-record " + armorVersion + "\x00" + tenant + "\x00" + name)
+}
+
+// Seal encrypts value for tenant/name to the master public key. It needs
+// no TPM: anyone with master.pub can seal.
+func Seal(pub *PublicKey, tenant, name string, version uint64, value []byte) (*Record, error) {
+	if err := ValidTenant(tenant); err != nil {
+		return nil, err
+	}
+	if err := ValidKeyName(name); err != nil {
+		return nil, err
+	}
+	if len(value) == 0 {
+		return nil, fmt.Errorf("%w: the value is empty", ErrInvalidValue)
+	}
+	if len(value) > MaxValueSize {
+		return nil, fmt.Errorf("%w: the value is %d bytes; the limit is %d", ErrInvalidValue, len(value), MaxValueSize)
+	}
+	if version == 0 {
+		return nil, fmt.Errorf("%w: version must be at least 1", ErrInvalidValue)
+	}
+	enc, s, err := hpke.NewSender(pub.pub, hpke.HKDFSHA256(), hpke.ExportOnly(), recordInfo(tenant, name))
+	if err != nil {
+		return nil, fmt.Errorf("seal %s/%s: %w", tenant, name, err)
+	}
+	dek, err := s.Export(dekContext, 32)
+	if err != nil {
+		return nil, fmt.Errorf("seal %s/%s: %w", tenant, name, err)
+	}
+	defer clear(dek)
+	r := &Record{KID: pub.KID, Tenant: tenant, Name: name, Version: version, Created: time.Now().UTC().Truncate(time.Second), enc: enc}
+	g, err := newGCM(dek)
+	if err != nil {
+		return nil, err
+	}
+	r.ct = g.Seal(nil, zeroNonce, value, r.armor().headerText())
+	return r, nil
+}
+
+// ErrInvalidValue marks a value keyfs will not store.
+var ErrInvalidValue = errors.New("invalid value")
+
+func newGCM(key []byte) (cipher.AEAD, error) {
+	b, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(b)
+}
+
+func (r *Record) armor() *armor {
+	return &armor{kind: recordKind, headers: []header{
+		{"kid", r.KID},
+		{"tenant", r.Tenant},
+		{"name", r.Name},
+		{"version", strconv.FormatUint(r.Version, 10)},
+		{"created", r.Created.UTC().Format(time.RFC3339)},
+		{"suite", Suite},
+	}}
+}
+
+// Marshal returns the record's text form.
+func (r *Record) Marshal() []byte {
+	a := r.armor()
+	a.body = append(append([]byte(nil), r.enc...), r.ct...)
+	return a.marshal()
+}
+
+// Size is the length of the value, known without decrypting.
+func (r *Record) Size() int { return len(r.ct) - tagSize }
+
+// ParseRecord reads a record's text form. It checks structure only; Open
+// authenticates.
+func ParseRecord(data []byte) (*Record, error) {
+	a, err := parseArmor(data, recordKind, "kid", "tenant", "name", "version", "created", "suite")
+	if err != nil {
+		return nil, err
+	}
+	r := &Record{KID: a.get("kid"), Tenant: a.get("tenant"), Name: a.get("name")}
+	if err := ValidTenant(r.Tenant); err != nil {
+		return nil, fmt.Errorf("%w: record header: %w", ErrIntegrity, err)
+	}
+	if err := ValidKeyName(r.Name); err != nil {
+		return nil, fmt.Errorf("%w: record header: %w", ErrIntegrity, err)
+	}
+	if r.Version, err = strconv.ParseUint(a.get("version"), 10, 64); err != nil || r.Version == 0 {
+		return nil, fmt.Errorf("%w: record header: version must be a positive integer", ErrIntegrity)
+	}
+	if r.Created, err = time.Parse(time.RFC3339, a.get("created")); err != nil {
+		return nil, fmt.Errorf("%w: record header: created must be an RFC 3339 time", ErrIntegrity)
+	}
+	if s := a.get("suite"); s != Suite {
+		return nil, fmt.Errorf("%w: record suite %q is not supported (want %s)", ErrIntegrity, s, Suite)
+	}
+	if len(a.body) < encSize+tagSize+1 {
+		return nil, fmt.Errorf("%w: record body is %d bytes, too short to hold a value (truncated)", ErrIntegrity, len(a.body))
+	}
+	if len(a.body) > encSize+tagSize+MaxValueSize {
+		return nil, fmt.Errorf("%w: record body is %d bytes, more than a %d-byte value needs", ErrIntegrity, len(a.body), MaxValueSize)
+	}
+	r.enc, r.ct = a.body[:encSize], a.body[encSize:]
+	return r, nil
+}
+
+// Open decrypts r, which was found in the store as tenant/name. The caller
+// wipes the returned value. Errors: *KIDMismatchError, or ErrIntegrity for a
+// record that was moved, renamed or tampered with.
+func (m *MasterKey) Open(r *Record, tenant, name string) ([]byte, error) {
+	if r.Tenant != tenant || r.Name != name {
+		return nil, fmt.Errorf("%w: record for %s/%s is stored as %s/%s: records cannot be moved or renamed; reseal the value for %s/%s", ErrIntegrity, r.Tenant, r.Name, tenant, name, tenant, name)
+	}
+	if r.KID != m.pub.KID {
+		return nil, &KIDMismatchError{Record: r.KID, Have: m.pub.KID}
+	}
+	dek, err := m.dek(recordInfo(tenant, name), r.enc)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s/%s version %d: cannot unwrap its data key (tampered): %w", ErrIntegrity, tenant, name, r.Version, err)
+	}
+	g, err := newGCM(dek)
+	if err != nil {
+		return nil, err
+	}
+	v, err := g.Open(nil, zeroNonce, r.ct, r.armor().headerText())
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s/%s version %d does not authenticate: the record was tampered with, or its headers edited", ErrIntegrity, tenant, name, r.Version)
+	}
+	return v, nil
+}
