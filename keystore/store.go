@@ -317,15 +317,7 @@ func (d *Dir) prune(tenant, name string) error {
 func (d *Dir) bumpGen() error {
 	b := make([]byte, 16)
 	rand.Read(b)
-	tmp, err := writeTemp(d.root, []byte(hex.EncodeToString(b)+"\n"))
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, filepath.Join(d.root, ".gen")); err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return syncDir(d.root)
+	return WriteFileAtomic(filepath.Join(d.root, ".gen"), []byte(hex.EncodeToString(b)+"\n"), 0o600)
 }
 
 // locked runs f holding the store's cross-process write lock.
@@ -367,4 +359,22 @@ func syncDir(dir string) error {
 	}
 	defer f.Close()
 	return f.Sync()
+}
+
+// WriteFileAtomic replaces path with data durably: temp file, fsync,
+// rename, fsync of the directory. Readers see the old file or the new one.
+func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
+	tmp, err := writeTemp(filepath.Dir(path), data)
+	if err != nil {
+		return err
+	}
+	err = os.Chmod(tmp, perm)
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return syncDir(filepath.Dir(path))
 }

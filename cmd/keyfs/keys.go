@@ -1,0 +1,422 @@
+package main
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/keyfs/keyfs/keystore"
+	"github.com/keyfs/keyfs/tpm"
+	"github.com/spf13/cobra"
+)
+
+func initCmd(g *globals) *cobra.Command {
+	var pcrs, recoveryPub string
+	var force bool
+	c := &cobra.Command{
+		Use:   "init",
+		Short: "Create a master key sealed to this node's TPM",
+		Long: `init makes a new random master seed, seals it to the TPM (optionally bound
+to PCR values) and writes master.sealed and master.pub to the state directory.
+With --recovery-pub the seed is also sealed to an offline recovery key
+(see keyfs recovery-keygen), so a dead TPM is a restore, not a loss.`,
+		Args: args(cobra.NoArgs),
+		RunE: func(c *cobra.Command, _ []string) error {
+			pcrList, err := tpm.ParsePCRs(pcrs)
+			if err != nil {
+				return usageError{err}
+			}
+			var recovery *keystore.PublicKey
+			if recoveryPub != "" {
+				b, err := os.ReadFile(recoveryPub)
+				if err != nil {
+					return fmt.Errorf("read --recovery-pub: %w", err)
+				}
+				if recovery, err = keystore.ParseRecoveryPublicKey(b); err != nil {
+					return fmt.Errorf("--recovery-pub %s: %w", recoveryPub, err)
+				}
+			}
+			if _, err := os.Stat(g.path("master.sealed")); err == nil && !force {
+				return fmt.Errorf("%w: %s already holds a master key; records sealed to it would become unreadable. Use --force to replace it", fs.ErrExist, g.state)
+			}
+			if err := g.ensureState(); err != nil {
+				return err
+			}
+			seed := make([]byte, keystore.SeedSize)
+			defer clear(seed)
+			rand.Read(seed)
+			m, err := keystore.NewMasterKey(seed)
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+
+			start := time.Now()
+			t, err := tpm.Open(g.tpm)
+			if err != nil {
+				return err
+			}
+			defer t.Close()
+			blob, err := t.Seal(seed, pcrList)
+			if err != nil {
+				return fmt.Errorf("seal the master seed: %w", err)
+			}
+			// Prove the blob opens before anything depends on it.
+			back, err := t.Unseal(blob)
+			if err != nil {
+				return fmt.Errorf("check the sealed master seed: %w", err)
+			}
+			ok := string(back) == string(seed)
+			clear(back)
+			if !ok {
+				return errors.New("the TPM returned a different seed than it sealed: do not use this TPM")
+			}
+			sealed, err := blob.MarshalText()
+			if err != nil {
+				return err
+			}
+			if recovery != nil {
+				esc, err := keystore.Escrow(recovery, seed)
+				if err != nil {
+					return err
+				}
+				if err := keystore.WriteFileAtomic(g.path("master.recovery"), esc, 0o600); err != nil {
+					return err
+				}
+			} else if err := os.Remove(g.path("master.recovery")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+			if err := keystore.WriteFileAtomic(g.path("master.pub"), m.Public().Marshal(), 0o644); err != nil {
+				return err
+			}
+			if err := keystore.WriteFileAtomic(g.path("master.sealed"), sealed, 0o600); err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "keyfs: master key sealed to the TPM in %s", time.Since(start).Round(time.Millisecond))
+			if len(pcrList) > 0 {
+				fmt.Fprintf(os.Stderr, " (bound to PCRs %s)", pcrs)
+			}
+			if recovery != nil {
+				fmt.Fprintf(os.Stderr, "; escrowed to recovery key %s", recovery.KID)
+			}
+			fmt.Fprintln(os.Stderr)
+			fmt.Fprintln(g.stdout, m.KID())
+			return nil
+		},
+	}
+	c.Flags().StringVar(&pcrs, "pcrs", "", "bind the seal to these sha256 PCRs, e.g. 7 or 7,16")
+	c.Flags().StringVar(&recoveryPub, "recovery-pub", "", "also seal the seed to this recovery public key file")
+	c.Flags().BoolVar(&force, "force", false, "replace an existing master key")
+	return c
+}
+
+func pubkeyCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "pubkey",
+		Short: "Print the master public key (safe to share; keyfs seal uses it)",
+		Args:  args(cobra.NoArgs),
+		RunE: func(*cobra.Command, []string) error {
+			p, err := g.publicKey()
+			if err != nil {
+				return err
+			}
+			_, err = g.stdout.Write(p.Marshal())
+			return err
+		},
+	}
+}
+
+func sealCmd(g *globals) *cobra.Command {
+	var pubFile, tenant, name, out string
+	var version uint64
+	var keepNewline bool
+	c := &cobra.Command{
+		Use:   "seal --pubkey FILE --tenant T --name N [-o FILE]",
+		Short: "Seal a value from stdin into a record, offline (no TPM, no state)",
+		Args:  args(cobra.NoArgs),
+		RunE: func(*cobra.Command, []string) error {
+			if pubFile == "" || tenant == "" || name == "" {
+				return usagef("--pubkey, --tenant and --name are required")
+			}
+			if err := keystore.ValidTenant(tenant); err != nil {
+				return err
+			}
+			if err := keystore.ValidKeyName(name); err != nil {
+				return err
+			}
+			b, err := os.ReadFile(pubFile)
+			if err != nil {
+				return fmt.Errorf("read --pubkey: %w", err)
+			}
+			pub, err := keystore.ParsePublicKey(b)
+			if err != nil {
+				return fmt.Errorf("--pubkey %s: %w", pubFile, err)
+			}
+			v, err := g.readValue("value for "+tenant+"/"+name, keepNewline)
+			if err != nil {
+				return err
+			}
+			defer clear(v)
+			if version == 0 {
+				version = uint64(time.Now().Unix())
+			}
+			r, err := keystore.Seal(pub, tenant, name, version, v)
+			if err != nil {
+				return err
+			}
+			if out == "" || out == "-" {
+				_, err = g.stdout.Write(r.Marshal())
+				return err
+			}
+			return keystore.WriteFileAtomic(out, r.Marshal(), 0o644)
+		},
+	}
+	c.Flags().StringVar(&pubFile, "pubkey", "", "master public key file (from keyfs pubkey)")
+	c.Flags().StringVar(&tenant, "tenant", "", "tenant")
+	c.Flags().StringVar(&name, "name", "", "key name")
+	c.Flags().StringVarP(&out, "output", "o", "", "write the record here instead of stdout")
+	c.Flags().Uint64Var(&version, "version", 0, "record version (default: the current Unix time)")
+	c.Flags().BoolVar(&keepNewline, "keep-newline", false, "keep a trailing newline in the value")
+	return c
+}
+
+func putCmd(g *globals) *cobra.Command {
+	var keepNewline bool
+	c := &cobra.Command{
+		Use:   "put TENANT/NAME",
+		Short: "Seal a value from stdin with master.pub and store it (no TPM needed)",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(_ *cobra.Command, a []string) error {
+			tenant, name, err := keystore.ParseRef(a[0])
+			if err != nil {
+				return err
+			}
+			pub, err := g.publicKey()
+			if err != nil {
+				return err
+			}
+			d, err := g.store()
+			if err != nil {
+				return err
+			}
+			v, err := g.readValue("value for "+a[0], keepNewline)
+			if err != nil {
+				return err
+			}
+			defer clear(v)
+			r, err := d.Put(tenant, name, func(version uint64) (*keystore.Record, error) {
+				return keystore.Seal(pub, tenant, name, version, v)
+			})
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(os.Stderr, "keyfs: stored %s/%s version %d (%d bytes, kid %s)\n", tenant, name, r.Version, r.Size(), r.KID)
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&keepNewline, "keep-newline", false, "keep a trailing newline in the value")
+	return c
+}
+
+func importCmd(g *globals) *cobra.Command {
+	var noVerify bool
+	c := &cobra.Command{
+		Use:   "import FILE...",
+		Short: "Store records made with keyfs seal",
+		Long: `import checks every record before storing any: it must parse, be sealed to
+this state's master key, and (unless --no-verify) open with the master key
+unsealed from the TPM. One bad record stores nothing.`,
+		Args: args(cobra.MinimumNArgs(1)),
+		RunE: func(_ *cobra.Command, files []string) error {
+			pub, err := g.publicKey()
+			if err != nil {
+				return err
+			}
+			d, err := g.store()
+			if err != nil {
+				return err
+			}
+			var m *keystore.MasterKey
+			if !noVerify {
+				if m, err = g.unseal(); err != nil {
+					return fmt.Errorf("%w (to import without checking, use --no-verify)", err)
+				}
+				defer m.Close()
+			}
+			var recs []*keystore.Record
+			for _, f := range files {
+				b, err := os.ReadFile(f)
+				if err != nil {
+					return err
+				}
+				r, err := keystore.ParseRecord(b)
+				if err != nil {
+					return fmt.Errorf("%s: %w", f, err)
+				}
+				if r.KID != pub.KID {
+					return fmt.Errorf("%s: %w", f, &keystore.KIDMismatchError{Record: r.KID, Have: pub.KID})
+				}
+				if m != nil {
+					v, err := m.Open(r, r.Tenant, r.Name)
+					clear(v)
+					if err != nil {
+						return fmt.Errorf("%s: %w", f, err)
+					}
+				}
+				recs = append(recs, r)
+			}
+			for i, r := range recs {
+				if err := d.Import(r); err != nil {
+					return fmt.Errorf("%s: %w", files[i], err)
+				}
+				fmt.Fprintf(os.Stderr, "keyfs: imported %s/%s version %d\n", r.Tenant, r.Name, r.Version)
+			}
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&noVerify, "no-verify", false, "skip opening each record with the TPM-held master key")
+	return c
+}
+
+func lsCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "ls [TENANT]",
+		Short: "List stored keys: tenant, name, version, kid, created (never values)",
+		Args:  args(cobra.MaximumNArgs(1)),
+		RunE: func(_ *cobra.Command, a []string) error {
+			d, err := g.store()
+			if err != nil {
+				return err
+			}
+			tenants := a
+			if len(a) == 0 {
+				if tenants, err = d.Tenants(); err != nil {
+					return err
+				}
+			} else if err := keystore.ValidTenant(a[0]); err != nil {
+				return err
+			}
+			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "TENANT\tNAME\tVERSION\tKID\tCREATED")
+			n := 0
+			for _, t := range tenants {
+				es, err := d.Keys(t)
+				if err != nil {
+					return err
+				}
+				for _, e := range es {
+					r, err := d.Read(e)
+					if err != nil {
+						fmt.Fprintf(w, "%s\t%s\t%d\t?\tunreadable: %v\n", t, e.Name, e.Version, err)
+						continue
+					}
+					fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", t, e.Name, e.Version, r.KID, r.Created.Format(time.RFC3339))
+					n++
+				}
+			}
+			if err := w.Flush(); err != nil {
+				return err
+			}
+			if len(a) == 1 && n == 0 {
+				return fmt.Errorf("%w: tenant %s has no keys", keystore.ErrNotFound, a[0])
+			}
+			return nil
+		},
+	}
+}
+
+func rmCmd(g *globals) *cobra.Command {
+	var all bool
+	c := &cobra.Command{
+		Use:   "rm TENANT/NAME",
+		Short: "Remove the newest version of a key (the previous kept version becomes current), or all versions",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(_ *cobra.Command, a []string) error {
+			tenant, name, err := keystore.ParseRef(a[0])
+			if err != nil {
+				return err
+			}
+			d, err := g.store()
+			if err != nil {
+				return err
+			}
+			removed, err := d.Remove(tenant, name, all)
+			if err != nil {
+				return err
+			}
+			vs := make([]string, len(removed))
+			for i, v := range removed {
+				vs[i] = fmt.Sprint(v)
+			}
+			fmt.Fprintf(os.Stderr, "keyfs: removed %s version %s", a[0], strings.Join(vs, ", "))
+			if e, err := d.Newest(tenant, name); err == nil {
+				fmt.Fprintf(os.Stderr, "; version %d is now current (use --all-versions to remove the key)", e.Version)
+			}
+			fmt.Fprintln(os.Stderr)
+			return nil
+		},
+	}
+	c.Flags().BoolVar(&all, "all-versions", false, "remove every stored version: the key disappears")
+	return c
+}
+
+func verifyCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "verify [TENANT]",
+		Short: "Open every stored key with the TPM-held master key and report which open (never values)",
+		Args:  args(cobra.MaximumNArgs(1)),
+		RunE: func(_ *cobra.Command, a []string) error {
+			d, err := g.store()
+			if err != nil {
+				return err
+			}
+			tenants := a
+			if len(a) == 0 {
+				if tenants, err = d.Tenants(); err != nil {
+					return err
+				}
+			} else if err := keystore.ValidTenant(a[0]); err != nil {
+				return err
+			}
+			m, err := g.unseal()
+			if err != nil {
+				return err
+			}
+			defer m.Close()
+			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "TENANT\tNAME\tVERSION\tSTATUS")
+			var firstErr error
+			for _, t := range tenants {
+				es, err := d.Keys(t)
+				if err != nil {
+					return err
+				}
+				for _, e := range es {
+					r, err := d.Read(e)
+					if err == nil {
+						var v []byte
+						v, err = m.Open(r, e.Tenant, e.Name)
+						clear(v)
+					}
+					status := "ok"
+					if err != nil {
+						status = err.Error()
+						if firstErr == nil {
+							firstErr = fmt.Errorf("%s/%s: %w", e.Tenant, e.Name, err)
+						}
+					}
+					fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", t, e.Name, e.Version, status)
+				}
+			}
+			if err := w.Flush(); err != nil {
+				return err
+			}
+			return firstErr
+		},
+	}
+}

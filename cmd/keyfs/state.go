@@ -1,0 +1,123 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/keyfs/keyfs/keystore"
+	"github.com/keyfs/keyfs/tpm"
+	"golang.org/x/term"
+)
+
+// The state directory: master.sealed (TPM blob), master.pub, optional
+// master.recovery (escrow), store/ (records), audit.log.
+func (g *globals) path(name string) string { return filepath.Join(g.state, name) }
+
+func (g *globals) ensureState() error {
+	if err := os.MkdirAll(g.state, 0o700); err != nil {
+		return fmt.Errorf("create state directory %s: %w", g.state, err)
+	}
+	return os.Chmod(g.state, 0o700)
+}
+
+func (g *globals) store() (*keystore.Dir, error) {
+	if _, err := os.Stat(g.path("master.pub")); err != nil {
+		return nil, g.noState(err)
+	}
+	return keystore.OpenDir(g.path("store"))
+}
+
+func (g *globals) noState(err error) error {
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("no keyfs state in %s: run `keyfs init` first, or point --state / KEYFS_STATE at it: %w", g.state, err)
+	}
+	return err
+}
+
+func (g *globals) publicKey() (*keystore.PublicKey, error) {
+	b, err := os.ReadFile(g.path("master.pub"))
+	if err != nil {
+		return nil, g.noState(err)
+	}
+	p, err := keystore.ParsePublicKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", g.path("master.pub"), err)
+	}
+	return p, nil
+}
+
+// unseal opens the TPM and returns the master key; the caller closes it.
+func (g *globals) unseal() (*keystore.MasterKey, error) {
+	pub, err := g.publicKey()
+	if err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(g.path("master.sealed"))
+	if err != nil {
+		return nil, g.noState(err)
+	}
+	blob, err := tpm.ParseBlob(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %w", g.path("master.sealed"), keystore.ErrIntegrity, err)
+	}
+	t, err := tpm.Open(g.tpm)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	seed, err := t.Unseal(blob)
+	if err != nil {
+		return nil, fmt.Errorf("unseal the master key: %w", err)
+	}
+	defer clear(seed)
+	m, err := keystore.NewMasterKey(seed)
+	if err != nil {
+		return nil, err
+	}
+	if m.KID() != pub.KID {
+		m.Close()
+		return nil, fmt.Errorf("%w: master.sealed holds kid %s but master.pub is kid %s: the state directory mixes two masters; restore both files from the same backup",
+			keystore.ErrIntegrity, m.KID(), pub.KID)
+	}
+	return m, nil
+}
+
+// readValue reads a value from stdin: hidden input on a terminal, else the
+// whole stream. One trailing newline is dropped unless keepNewline: `echo`
+// adds one, and a newline inside an HTTP header breaks API calls.
+func (g *globals) readValue(prompt string, keepNewline bool) ([]byte, error) {
+	var v []byte
+	if term.IsTerminal(int(g.stdin.Fd())) {
+		fmt.Fprintf(os.Stderr, "%s (input hidden): ", prompt)
+		b, err := term.ReadPassword(int(g.stdin.Fd()))
+		fmt.Fprintln(os.Stderr)
+		if err != nil {
+			return nil, fmt.Errorf("read value: %w", err)
+		}
+		v = b
+	} else {
+		b, err := io.ReadAll(io.LimitReader(g.stdin, keystore.MaxValueSize+2))
+		if err != nil {
+			return nil, fmt.Errorf("read value from stdin: %w", err)
+		}
+		v = b
+	}
+	if !keepNewline {
+		if n := len(v); n > 0 && v[n-1] == '\n' {
+			v = bytes.TrimSuffix(v[:n-1], []byte("\r"))
+		}
+	}
+	switch {
+	case len(v) == 0:
+		return nil, fmt.Errorf("%w: the value on stdin is empty: pipe the key in, for example `printf %%s \"$KEY\" | keyfs put acme/openai`", keystore.ErrInvalidValue)
+	case len(v) > keystore.MaxValueSize:
+		clear(v)
+		return nil, fmt.Errorf("%w: the value on stdin is over %d bytes", keystore.ErrInvalidValue, keystore.MaxValueSize)
+	}
+	return v, nil
+}
