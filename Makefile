@@ -1,10 +1,11 @@
 # keyfs — see README.md. Every target here works; there are no stubs.
+export PATH := $(PATH):/usr/local/go/bin
 GO        ?= go
 TAGS      := simulator
 FUZZTIME  ?= 10s
 BIN       := bin
 
-.PHONY: build build-static test lint fuzz demo bench
+.PHONY: build build-static test lint fuzz demo bench deps-demo deps-test deps-bench
 
 # The development binary: includes the in-process TPM simulator (--tpm sim).
 build:
@@ -20,16 +21,19 @@ lint:
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) tool staticcheck -tags $(TAGS) ./...
 
-# Needs root, /dev/fuse, swtpm, fuse3 (see .ci/run for the packages).
-test: lint
+deps-demo deps-test deps-bench:
+	scripts/deps.sh $(@:deps-%=%)
+
+# Needs root and /dev/fuse; installs swtpm, fuse3 and libssl-dev if missing.
+test: deps-test lint
 	$(GO) test -tags $(TAGS) -count=1 ./...
 	FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
 fuzz:
 	FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
-demo: build
+demo: deps-demo build
 	scripts/demo.sh
 
-bench: build
+bench: deps-bench build
 	$(GO) run -tags $(TAGS) ./test/bench

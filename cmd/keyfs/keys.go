@@ -17,7 +17,7 @@ import (
 
 func initCmd(g *globals) *cobra.Command {
 	var pcrs, recoveryPub string
-	var force bool
+	var force, ifMissing bool
 	c := &cobra.Command{
 		Use:   "init",
 		Short: "Create a master key sealed to this node's TPM",
@@ -40,6 +40,18 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 				if recovery, err = keystore.ParseRecoveryPublicKey(b); err != nil {
 					return fmt.Errorf("--recovery-pub %s: %w", recoveryPub, err)
 				}
+			}
+			if force && ifMissing {
+				return usagef("--force and --if-missing contradict each other")
+			}
+			if _, err := os.Stat(g.path("master.sealed")); err == nil && ifMissing {
+				p, err := g.publicKey()
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(os.Stderr, "keyfs: %s already holds master key %s; keeping it\n", g.state, p.KID)
+				fmt.Fprintln(g.stdout, p.KID)
+				return nil
 			}
 			if _, err := os.Stat(g.path("master.sealed")); err == nil && !force {
 				return fmt.Errorf("%w: %s already holds a master key; records sealed to it would become unreadable. Use --force to replace it", fs.ErrExist, g.state)
@@ -112,6 +124,7 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 	c.Flags().StringVar(&pcrs, "pcrs", "", "bind the seal to these sha256 PCRs, e.g. 7 or 7,16")
 	c.Flags().StringVar(&recoveryPub, "recovery-pub", "", "also seal the seed to this recovery public key file")
 	c.Flags().BoolVar(&force, "force", false, "replace an existing master key")
+	c.Flags().BoolVar(&ifMissing, "if-missing", false, "do nothing (and succeed) if a master key exists")
 	return c
 }
 
