@@ -23,6 +23,7 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
+	os.Chmod(dir, 0o755) // a test runs the binary as an unprivileged user
 	keyfsBin = filepath.Join(dir, "keyfs")
 	out, err := exec.Command("go", "build", "-tags", "simulator", "-o", keyfsBin, ".").CombinedOutput()
 	if err != nil {

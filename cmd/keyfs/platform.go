@@ -1,5 +1,155 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
 
-func addPlatformCommands(root *cobra.Command, g *globals) {}
+	"github.com/keyfs/keyfs/fusefs"
+	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/internal/harden"
+	"github.com/keyfs/keyfs/keystore"
+	"github.com/spf13/cobra"
+)
+
+func addPlatformCommands(root *cobra.Command, g *globals) {
+	root.AddCommand(mountCmd(g), serveCmd(g))
+}
+
+// splitList parses a comma list, checking each item.
+func splitList(s string, check func(string) error) ([]string, error) {
+	if s == "" {
+		return nil, nil
+	}
+	var out []string
+	for _, item := range strings.Split(s, ",") {
+		item = strings.TrimSpace(item)
+		if err := check(item); err != nil {
+			return nil, err
+		}
+		out = append(out, item)
+	}
+	return out, nil
+}
+
+// openAudit opens STATE/audit.log, or stdout for "-".
+func (g *globals) openAudit(path string) (*audit.Logger, error) {
+	if path == "-" {
+		return audit.NewWriter(os.Stdout), nil
+	}
+	if path == "" {
+		path = g.path("audit.log")
+	}
+	return audit.Open(path, audit.DefaultMaxBytes)
+}
+
+func requireRoot(what string) error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("%w: keyfs %s needs root (FUSE mounts that other users and pods can read, and locked memory): run it with sudo", errNotRoot, what)
+	}
+	return nil
+}
+
+func mountCmd(g *globals) *cobra.Command {
+	var tenants, keys, mode, auditPath string
+	var uid, gid uint32
+	c := &cobra.Command{
+		Use:   "mount [--tenants T1,T2] [--keys a,b] [--uid U --gid G --mode M] MOUNTPOINT",
+		Short: "Serve keys as read-only files at MOUNTPOINT until SIGINT/SIGTERM",
+		Long: `mount unseals the master key with the TPM and serves MOUNTPOINT/<tenant>/<name>
+read-only: each open decrypts the newest version of the key; nothing is
+cached in plaintext. Keys put or removed while mounted appear or vanish
+within a second. Every open is written to the audit log.`,
+		Args: args(cobra.ExactArgs(1)),
+		RunE: func(_ *cobra.Command, a []string) error {
+			mnt := a[0]
+			ts, err := splitList(tenants, keystore.ValidTenant)
+			if err != nil {
+				return err
+			}
+			ks, err := splitList(keys, keystore.ValidKeyName)
+			if err != nil {
+				return err
+			}
+			m, err := strconv.ParseUint(mode, 8, 32)
+			if err != nil || m&^0o444 != 0 {
+				return usagef("--mode %q: want octal read bits only, within 0444 (for example 0440)", mode)
+			}
+			if err := requireRoot("mount"); err != nil {
+				return err
+			}
+			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			if err := harden.Process(); err != nil {
+				log.Warn("memory hardening incomplete; plaintext could reach swap or a core dump", "err", err)
+			}
+			if cleaned, err := fusefs.CleanStale(mnt); err != nil {
+				return fmt.Errorf("%s: %w", mnt, err)
+			} else if cleaned {
+				log.Warn("removed a stale keyfs mount left by a killed process", "mountpoint", mnt)
+			}
+			if err := os.MkdirAll(mnt, 0o755); err != nil {
+				return err
+			}
+			d, err := g.store()
+			if err != nil {
+				return err
+			}
+			key, err := g.unseal()
+			if err != nil {
+				return err
+			}
+			defer key.Close()
+			al, err := g.openAudit(auditPath)
+			if err != nil {
+				return err
+			}
+			defer al.Close()
+			opts := fusefs.Options{Store: d, Key: key, Audit: al, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: uint32(m)}
+			if ts != nil {
+				opts.Allow = func(t string) bool { return slices.Contains(ts, t) }
+			}
+			// Catch signals before the mount serves: a stop request must
+			// always end in an unmount.
+			sig := make(chan os.Signal, 1)
+			signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+			defer signal.Stop(sig)
+			srv, err := fusefs.Mount(mnt, opts)
+			if err != nil {
+				return fmt.Errorf("mount %s: %w", mnt, err)
+			}
+			log.Info("serving keys", "mountpoint", mnt, "kid", key.KID(), "tenants", orAll(tenants), "keys", orAll(keys))
+			done := make(chan struct{})
+			go func() { srv.Wait(); close(done) }()
+			select {
+			case s := <-sig:
+				log.Info("unmounting", "signal", s.String())
+				if err := srv.Unmount(); err != nil {
+					return fmt.Errorf("unmount %s: %w (if it stays busy, close what is reading it and run keyfs mount again to clean up)", mnt, err)
+				}
+				<-done
+			case <-done:
+				log.Warn("the mount went away (unmounted from outside)", "mountpoint", mnt)
+			}
+			return nil
+		},
+	}
+	c.Flags().StringVar(&tenants, "tenants", "", "only these tenants (comma list; default all)")
+	c.Flags().StringVar(&keys, "keys", "", "only these key names (comma list; default all)")
+	c.Flags().Uint32Var(&uid, "uid", 0, "owner of files and directories")
+	c.Flags().Uint32Var(&gid, "gid", 0, "group of files and directories")
+	c.Flags().StringVar(&mode, "mode", "0444", "file mode (read bits only)")
+	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
+	return c
+}
+
+func orAll(s string) string {
+	if s == "" {
+		return "all"
+	}
+	return s
+}

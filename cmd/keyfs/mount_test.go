@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// requireFUSE skips without root or /dev/fuse, unless CI is set.
+func requireFUSE(t *testing.T) {
+	t.Helper()
+	_, err := os.Stat("/dev/fuse")
+	if err == nil && os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("FUSE tests need root and /dev/fuse (CI is set, so not skipping): euid %d, %v", os.Geteuid(), err)
+	}
+	t.Skipf("needs root and /dev/fuse: euid %d, %v", os.Geteuid(), err)
+}
+
+func mounted(path string) bool {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
+			return true
+		}
+	}
+	return false
+}
+
+// startMount runs `keyfs mount` and waits until wantFile reads.
+func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *bytes.Buffer) {
+	c.t.Helper()
+	cmd := exec.Command(keyfsBin, "mount", mnt)
+	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+		if mounted(mnt) {
+			syscall.Unmount(mnt, syscall.MNT_DETACH)
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if _, err := os.ReadFile(filepath.Join(mnt, wantFile)); err == nil {
+			return cmd, &stderr
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	c.t.Fatalf("keyfs mount did not serve %s within 10s: %s", wantFile, stderr.String())
+	return nil, nil
+}
+
+func TestMountLifecycle(t *testing.T) {
+	requireFUSE(t)
+	c := &cli{t: t, state: filepath.Join(t.TempDir(), "state"), tpm: "sim"}
+	mnt := filepath.Join(t.TempDir(), "keys")
+	c.must(0, "", "init")
+	c.must(0, "sk-mount-1", "put", "acme/openai")
+
+	cmd, _ := c.startMount(mnt, "acme/openai")
+	if b, _ := os.ReadFile(filepath.Join(mnt, "acme/openai")); string(b) != "sk-mount-1" {
+		t.Fatalf("read %q", b)
+	}
+	// SIGTERM: a clean exit and no mount left.
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("keyfs mount after SIGTERM: %v", err)
+	}
+	if mounted(mnt) {
+		t.Fatal("mount left behind after SIGTERM")
+	}
+
+	// kill -9 leaves a dead mount (ENOTCONN); the next start cleans it.
+	cmd, _ = c.startMount(mnt, "acme/openai")
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(mnt, &st); !errors.Is(err, syscall.ENOTCONN) {
+		t.Fatalf("after kill -9, statfs %s = %v, want ENOTCONN (a dead FUSE mount)", mnt, err)
+	}
+	cmd, stderr := c.startMount(mnt, "acme/openai")
+	if !strings.Contains(stderr.String(), "stale") {
+		t.Errorf("restart did not report the stale mount it cleaned: %s", stderr.String())
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if mounted(mnt) {
+		t.Fatal("mount left behind")
+	}
+	if strings.Contains(stderr.String(), "sk-mount") {
+		t.Fatal("keyfs mount logged a value")
+	}
+}
+
+func TestMountRefusals(t *testing.T) {
+	c := &cli{t: t, state: filepath.Join(t.TempDir(), "state"), tpm: "sim"}
+	c.must(exitUsage, "", "mount", "--mode", "0644", t.TempDir())
+	c.must(exitUsage, "", "mount", "--tenants", "Bad_Tenant", t.TempDir())
+	if os.Geteuid() == 0 {
+		// As a non-root user: a clear permission error.
+		cmd := exec.Command(keyfsBin, "mount", t.TempDir())
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != exitPerm || !strings.Contains(string(out), "needs root") {
+			t.Fatalf("non-root mount: %v %s", err, out)
+		}
+	}
+}
+
+// TestDemo runs the README's demo command's script as a new user would,
+// minus the wait for Ctrl-C, twice.
+func TestDemo(t *testing.T) {
+	requireFUSE(t)
+	for run := range 2 {
+		cmd := exec.Command("../../scripts/demo.sh")
+		cmd.Env = append(os.Environ(), "KEYFS_BIN="+keyfsBin, "DEMO_ONESHOT=1")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("demo run %d: %v\n%s", run+1, err, out)
+		}
+		for _, want := range []string{"acme/openai", "beta", "sk-demo-acme-openai-", "Read-only file system", "open", "(nothing found)"} {
+			if !strings.Contains(string(out), want) {
+				t.Errorf("demo run %d output lacks %q:\n%s", run+1, want, out)
+			}
+		}
+	}
+	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), "keyfs-demo") {
+		t.Fatal("the demo left a mount behind")
+	}
+}

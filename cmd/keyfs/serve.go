@@ -1,0 +1,137 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/keyfs/keyfs/driver"
+	"github.com/keyfs/keyfs/internal/harden"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+)
+
+func serveCmd(g *globals) *cobra.Command {
+	var endpoint, nodeID, kubeletDir, regDir, policyPath, defaultRule, metricsAddr, auditPath string
+	c := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the CSI node driver: unseal once, mount a narrowed key view per pod volume",
+		Long: `serve unseals the master key once, then serves the CSI Identity and Node
+services on --csi-endpoint and registers itself with kubelet (no registrar
+sidecar). Each pod volume becomes its own read-only FUSE mount showing only
+the tenants the pod's namespace and service account are granted. /healthz
+and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
+		Args: args(cobra.NoArgs),
+		RunE: func(c *cobra.Command, _ []string) error {
+			if defaultRule != driver.RuleNamespace && defaultRule != driver.RuleNone {
+				return usagef("--default-rule %q: want %s or %s", defaultRule, driver.RuleNamespace, driver.RuleNone)
+			}
+			if nodeID == "" {
+				h, err := os.Hostname()
+				if err != nil {
+					return usagef("--node-id is empty and the hostname is unknown: %v", err)
+				}
+				nodeID = h
+			}
+			sock, err := driver.SocketPath(endpoint)
+			if err != nil {
+				return usageError{err}
+			}
+			if err := requireRoot("serve"); err != nil {
+				return err
+			}
+			log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+			if err := harden.Process(); err != nil {
+				log.Warn("memory hardening incomplete; plaintext could reach swap or a core dump", "err", err)
+			}
+			store, err := g.store()
+			if err != nil {
+				return err
+			}
+			key, err := g.unseal()
+			if err != nil {
+				return err
+			}
+			defer key.Close()
+			al, err := g.openAudit(auditPath)
+			if err != nil {
+				return err
+			}
+			defer al.Close()
+			pol, err := driver.LoadPolicy(policyPath, defaultRule)
+			if err != nil {
+				return usageError{fmt.Errorf("--policy %s: %w", policyPath, err)}
+			}
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			d, err := driver.New(driver.Config{
+				Version: version(), NodeID: nodeID, KubeletDir: kubeletDir, StateDir: g.state,
+				Store: store, Key: key, Audit: al, Log: log, Policy: pol, Registry: reg,
+			})
+			if err != nil {
+				return err
+			}
+			defer d.Close()
+			if err := d.Restore(); err != nil {
+				log.Error("restoring volumes from before the restart", "err", err)
+			}
+
+			ctx, stop := signal.NotifyContext(c.Context(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			go pol.Watch(ctx, time.Second, nil)
+
+			ln, err := net.Listen("tcp", metricsAddr)
+			if err != nil {
+				return fmt.Errorf("--metrics-addr %s: %w", metricsAddr, err)
+			}
+			mux := http.NewServeMux()
+			mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+			mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+				p, err := d.Probe(r.Context(), &csi.ProbeRequest{})
+				if err != nil || !p.GetReady().GetValue() {
+					http.Error(w, fmt.Sprintf("not ready: %v", err), http.StatusServiceUnavailable)
+					return
+				}
+				fmt.Fprintln(w, "ok")
+			})
+			hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+			go hs.Serve(ln)
+			defer hs.Close()
+
+			if regDir != "" {
+				go func() {
+					if err := driver.ServeRegistration(ctx, regDir, sock, log); err != nil && ctx.Err() == nil {
+						log.Error("kubelet plugin registration stopped; kubelet will not call this driver", "dir", regDir, "err", err)
+					}
+				}()
+			}
+			log.Info("serving", "driver", driver.DriverName, "version", version(), "node", nodeID, "kid", key.KID(),
+				"csi", endpoint, "metrics", ln.Addr().String(), "policy", policyPath, "default_rule", defaultRule)
+			err = d.Serve(ctx, endpoint)
+			log.Info("stopped")
+			if errors.Is(err, context.Canceled) {
+				return nil
+			}
+			return err
+		},
+	}
+	c.Flags().StringVar(&endpoint, "csi-endpoint", "unix:///csi/csi.sock", "CSI gRPC endpoint (unix socket)")
+	c.Flags().StringVar(&nodeID, "node-id", os.Getenv("NODE_NAME"), "node id for NodeGetInfo (env NODE_NAME, else the hostname)")
+	c.Flags().StringVar(&kubeletDir, "kubelet-dir", driver.DefaultKubeletDir, "kubelet root: every target path must be under it")
+	c.Flags().StringVar(&regDir, "kubelet-registration-dir", "/var/lib/kubelet/plugins_registry", "kubelet plugin registration directory (empty: do not register)")
+	c.Flags().StringVar(&policyPath, "policy", "", "policy file granting tenants to more namespaces or service accounts (reloaded on change)")
+	c.Flags().StringVar(&defaultRule, "default-rule", driver.RuleNamespace, "namespace: pods may read the tenant named like their namespace; none: only what the policy grants")
+	c.Flags().StringVar(&metricsAddr, "metrics-addr", "127.0.0.1:9810", "address for /healthz and /metrics")
+	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
+	return c
+}

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+)
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func dialUnix(t *testing.T, path string) *grpc.ClientConn {
+	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+func TestServe(t *testing.T) {
+	requireFUSE(t)
+	tmp := t.TempDir()
+	c := &cli{t: t, state: filepath.Join(tmp, "state"), tpm: "sim"}
+	c.must(0, "", "init")
+	c.must(0, "sk-serve-acme", "put", "acme/openai")
+	c.must(0, "sk-serve-beta", "put", "beta/openai")
+	kubelet := filepath.Join(tmp, "kubelet")
+	regDir := filepath.Join(kubelet, "plugins_registry")
+	os.MkdirAll(regDir, 0o755)
+	sock := filepath.Join(kubelet, "plugins", "keyfs.csi.dev", "csi.sock")
+	os.MkdirAll(filepath.Dir(sock), 0o755)
+	metrics := freeAddr(t)
+
+	cmd := exec.Command(keyfsBin, "serve", "--csi-endpoint", "unix://"+sock, "--node-id", "node-1",
+		"--kubelet-dir", kubelet, "--kubelet-registration-dir", regDir, "--metrics-addr", metrics)
+	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
+	var logs bytes.Buffer
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	healthz := func() int {
+		r, err := http.Get("http://" + metrics + "/healthz")
+		if err != nil {
+			return 0
+		}
+		r.Body.Close()
+		return r.StatusCode
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for healthz() != 200 {
+		if time.Now().After(deadline) {
+			t.Fatalf("serve not healthy within 15s: %s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	node := csi.NewNodeClient(dialUnix(t, sock))
+	ctx := context.Background()
+	target := filepath.Join(kubelet, "pods", "uid-1", "volumes", "kubernetes.io~csi", "keys", "mount")
+	req := &csi.NodePublishVolumeRequest{
+		VolumeId: "csi-vol-1", TargetPath: target, Readonly: true,
+		VolumeCapability: &csi.VolumeCapability{
+			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY},
+		},
+		VolumeContext: map[string]string{
+			"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.namespace": "acme",
+			"csi.storage.k8s.io/pod.name": "app", "csi.storage.k8s.io/pod.uid": "uid-1",
+			"csi.storage.k8s.io/serviceAccount.name": "default", "tenants": "acme",
+		},
+	}
+	if _, err := node.NodePublishVolume(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(target, "acme", "openai")); err != nil || string(b) != "sk-serve-acme" {
+		t.Fatalf("read through the published volume: %q %v", b, err)
+	}
+	if _, err := os.Stat(filepath.Join(target, "beta")); err == nil {
+		t.Fatal("namespace acme sees tenant beta")
+	}
+	req.VolumeId, req.TargetPath = "csi-vol-2", filepath.Join(kubelet, "pods", "uid-2", "volumes", "kubernetes.io~csi", "keys", "mount")
+	req.VolumeContext["tenants"] = "beta"
+	if _, err := node.NodePublishVolume(ctx, req); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "acme") {
+		t.Fatalf("acme pod asking for beta: %v", err)
+	}
+
+	// Metrics count the publish, the denial and the read.
+	r, err := http.Get("http://" + metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	for _, want := range []string{"keyfs_csi_publishes_total 1", "keyfs_csi_denials_total", `keyfs_reads_total{tenant="acme"} 1`, "keyfs_csi_mounted_volumes 1"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+
+	// kubelet's side of plugin registration.
+	info, err := registerapi.NewRegistrationClient(dialUnix(t, filepath.Join(regDir, "keyfs.csi.dev-reg.sock"))).GetInfo(ctx, &registerapi.InfoRequest{})
+	if err != nil || info.Name != "keyfs.csi.dev" || info.Endpoint != sock {
+		t.Fatalf("registration GetInfo: %+v %v", info, err)
+	}
+
+	if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "csi-vol-1", TargetPath: target}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(target); !os.IsNotExist(err) {
+		t.Fatalf("target after unpublish: %v", err)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve after SIGTERM: %v\n%s", err, logs.String())
+	}
+	if strings.Contains(logs.String(), "sk-serve") {
+		t.Fatal("serve logged a value")
+	}
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if !strings.HasPrefix(line, "{") && !strings.Contains(line, "INSECURE in-process TPM simulator") {
+			t.Errorf("log line is not JSON: %s", line)
+		}
+	}
+	audit := c.must(0, "", "audit", "-o", "json").stdout
+	for _, want := range []string{`"event":"publish"`, `"event":"deny"`, `"event":"open"`, `"pod_uid":"uid-1"`, `"event":"unpublish"`} {
+		if !strings.Contains(audit, want) {
+			t.Errorf("audit lacks %s", want)
+		}
+	}
+}
+
+func TestServeWithoutState(t *testing.T) {
+	requireFUSE(t)
+	c := &cli{t: t, state: filepath.Join(t.TempDir(), "none"), tpm: "sim"}
+	r := c.must(exitNotFound, "", "serve", "--csi-endpoint", "unix://"+filepath.Join(t.TempDir(), "csi.sock"), "--metrics-addr", freeAddr(t))
+	if !strings.Contains(r.stderr, "keyfs init") {
+		t.Fatalf("serve without state: %s", r.stderr)
+	}
+}

@@ -1,0 +1,308 @@
+// Package fusefs serves a read-only FUSE view of a keystore: one directory
+// per tenant, one file per key, decrypted on every open and never cached in
+// plaintext.
+package fusefs
+
+import (
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/keystore"
+)
+
+// Options configure one mount.
+type Options struct {
+	Store *keystore.Dir
+	Key   *keystore.MasterKey
+	Audit *audit.Logger // nil: no audit trail
+	Log   *slog.Logger  // nil: slog.Default()
+
+	// Allow says whether a tenant is visible; nil allows every tenant. It
+	// is called on lookup, readdir, open and every poll tick, so grants can
+	// change while mounted. It must be cheap and must not wait for Refresh.
+	Allow func(tenant string) bool
+	// Keys, when non-nil, are the only key names shown.
+	Keys []string
+
+	UID, GID uint32
+	FileMode uint32 // permission bits of key files; 0 means 0444
+
+	// Pod identifies the pod this mount serves; its pod fields are
+	// stamped on every audit event. With PodUID empty the caller's pod is
+	// looked up from its cgroup.
+	Pod audit.Event
+
+	PollInterval time.Duration // 0 means 200ms
+
+	// OnRead, when set, is called after every open of a key with the time
+	// it took and its error, for metrics.
+	OnRead func(tenant string, d time.Duration, err error)
+
+	debugLog *log.Logger // tests: trace FUSE traffic
+}
+
+// cacheTimeout is how long the kernel may trust entries and attributes.
+// It is long because every change is pushed to the kernel by notify;
+// the timeout only bounds the damage of a lost notification.
+const cacheTimeout = time.Hour
+
+// Server is one mounted keyfs view.
+type Server struct {
+	o     Options
+	log   *slog.Logger
+	keys  map[string]bool // nil: every name
+	fuse  *fuse.Server
+	root  *rootNode
+	mtime time.Time // of directories: the mount time
+
+	snap    atomic.Pointer[snapshot]
+	cache   recordCache
+	callers callers
+
+	refreshMu sync.Mutex      // one refresh at a time
+	gen       string          // store generation the snapshot reflects
+	changed   map[string]bool // tenants whose keys changed in the last refresh
+
+	inoMu   sync.Mutex
+	inos    map[string]uint64
+	nextIno uint64
+
+	stop     chan struct{}
+	stopOnce sync.Once
+	polling  sync.WaitGroup
+}
+
+// Mount mounts a read-only view of o.Store at mountpoint and serves it until
+// Unmount.
+func Mount(mountpoint string, o Options) (*Server, error) {
+	if o.Store == nil || o.Key == nil {
+		return nil, errors.New("fusefs: Options.Store and Options.Key are required")
+	}
+	if o.FileMode == 0 {
+		o.FileMode = 0o444
+	}
+	if o.PollInterval <= 0 {
+		o.PollInterval = 200 * time.Millisecond
+	}
+	s := &Server{
+		o:       o,
+		log:     o.Log,
+		mtime:   time.Now(),
+		inos:    map[string]uint64{},
+		nextIno: 2, // 1 is the root
+		stop:    make(chan struct{}),
+	}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	if o.Keys != nil {
+		s.keys = map[string]bool{}
+		for _, k := range o.Keys {
+			s.keys[k] = true
+		}
+	}
+	s.cache.init(recordCacheSize)
+
+	gen, err := o.Store.Gen()
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	snap, err := s.scan(nil)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	s.gen = gen
+	s.snap.Store(snap)
+
+	s.root = &rootNode{s: s}
+	timeout := cacheTimeout
+	raw := fs.NewNodeFS(s.root, &fs.Options{
+		EntryTimeout: &timeout,
+		AttrTimeout:  &timeout,
+		// No NegativeTimeout: a name that appears needs no notification.
+		NullPermissions: true,
+	})
+	srv, err := fuse.NewServer(readOnly{raw}, mountpoint, &fuse.MountOptions{
+		AllowOther: true, // pods run as other uids
+		FsName:     "keyfs",
+		Name:       "keyfs",
+		// default_permissions: the kernel enforces FileMode/UID/GID.
+		Options:       []string{"ro", "default_permissions"},
+		DisableXAttrs: true,
+		// Plaintext must not pass through pipe buffers.
+		DisableSplice: true,
+		DirectMount:   true,
+		Debug:         o.debugLog != nil,
+		Logger:        o.debugLog,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	s.fuse = srv
+	go srv.Serve()
+	if err := srv.WaitMount(); err != nil {
+		srv.Unmount()
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	s.polling.Add(1)
+	go s.poll()
+	return s, nil
+}
+
+// Unmount unmounts the view. It fails while files are open.
+func (s *Server) Unmount() error {
+	if err := s.fuse.Unmount(); err != nil {
+		return err
+	}
+	s.stopPolling()
+	return nil
+}
+
+// Wait returns when the view is unmounted, by Unmount or from outside.
+func (s *Server) Wait() {
+	s.fuse.Wait()
+	s.stopPolling()
+}
+
+func (s *Server) stopPolling() {
+	s.stopOnce.Do(func() { close(s.stop) })
+	s.polling.Wait()
+}
+
+// Refresh re-reads the store and re-evaluates Allow now, instead of at the
+// next poll; changes are visible in the mount when it returns.
+func (s *Server) Refresh() { s.refresh(true) }
+
+func (s *Server) poll() {
+	defer s.polling.Done()
+	t := time.NewTicker(s.o.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			s.refresh(false)
+			s.callers.prune()
+		}
+	}
+}
+
+// refresh brings the snapshot up to date with the store when its generation
+// changed (or always, with force), then tells the kernel to drop whatever
+// it caches that is no longer true.
+func (s *Server) refresh(force bool) {
+	s.refreshMu.Lock()
+	defer s.refreshMu.Unlock()
+	old := s.snap.Load()
+	gen, err := s.o.Store.Gen()
+	if err != nil {
+		s.log.Warn("keyfs: cannot read store generation", "err", err)
+	} else if force || gen != s.gen {
+		snap, err := s.scan(old)
+		if err != nil {
+			s.log.Warn("keyfs: cannot rescan store", "err", err)
+		} else {
+			s.gen = gen
+			s.snap.Store(snap)
+		}
+	}
+	s.invalidate(old, s.snap.Load())
+}
+
+// invalidate compares what the kernel may hold (go-fuse's tree mirrors
+// the kernel's inode references) with the current truth and notifies the
+// kernel of every difference. Appearing names need nothing: failed lookups
+// are not cached. Keys are checked in tenants that changed in this refresh
+// or the one before, which catches a lookup that raced the change.
+func (s *Server) invalidate(old, cur *snapshot) {
+	root := &s.root.Inode
+	var changed map[string]bool
+	for name, ti := range root.Children() {
+		t := cur.tenants[name]
+		if t == nil || !t.visible() || !s.allow(name) {
+			root.NotifyEntry(name)
+		}
+		if t != old.tenants[name] {
+			if changed == nil {
+				changed = map[string]bool{}
+			}
+			changed[name] = true
+		} else if !s.changed[name] {
+			continue
+		}
+		for key, ki := range ti.Children() {
+			v := t.lookup(key)
+			if v == nil {
+				ti.NotifyEntry(key)
+				continue
+			}
+			if kn, ok := ki.Operations().(*keyNode); ok && kn.served.Load() != v {
+				ki.NotifyContent(0, 0) // attributes (size) changed
+			}
+		}
+	}
+	s.changed = changed
+}
+
+func (s *Server) allow(tenant string) bool {
+	return s.o.Allow == nil || s.o.Allow(tenant)
+}
+
+// ino returns the inode number of a tenant ("t") or key ("t/name"), stable
+// for the life of the mount so the kernel's cached inodes stay valid.
+func (s *Server) ino(id string) uint64 {
+	s.inoMu.Lock()
+	defer s.inoMu.Unlock()
+	n, ok := s.inos[id]
+	if !ok {
+		n = s.nextIno
+		s.nextIno++
+		s.inos[id] = n
+	}
+	return n
+}
+
+// CleanStale detaches a mount left at mountpoint by a killed keyfs and
+// reports whether it did. A dead mount answers ENOTCONN; statfs always asks
+// the (gone) server, where stat may be answered from cached attributes.
+func CleanStale(mountpoint string) (bool, error) {
+	var st unix.Statfs_t
+	err := unix.Statfs(mountpoint, &st)
+	if err == nil {
+		_, err = os.Stat(mountpoint)
+	}
+	if err == nil || errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if !errors.Is(err, syscall.ENOTCONN) {
+		return false, fmt.Errorf("check %s for a stale mount: %w", mountpoint, err)
+	}
+	if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil {
+		return false, fmt.Errorf("detach stale mount %s: %w", mountpoint, err)
+	}
+	return true, nil
+}
+
+// sortedKeys returns m's keys, sorted.
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}

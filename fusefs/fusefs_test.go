@@ -1,0 +1,727 @@
+package fusefs
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime/debug"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/keystore"
+)
+
+// requireFUSE skips without root or /dev/fuse, except in CI, where the
+// tests must run.
+func requireFUSE(t testing.TB) {
+	t.Helper()
+	_, err := os.Stat("/dev/fuse")
+	if err == nil && os.Geteuid() == 0 {
+		return
+	}
+	msg := "keyfs mount tests need root and /dev/fuse"
+	if os.Getenv("CI") != "" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+type env struct {
+	t     testing.TB
+	store *keystore.Dir
+	key   *keystore.MasterKey
+	audit string // audit log path
+	log   *audit.Logger
+}
+
+func newEnv(t testing.TB) *env {
+	t.Helper()
+	requireFUSE(t)
+	seed := make([]byte, keystore.SeedSize)
+	rand.Read(seed)
+	m, err := keystore.NewMasterKey(seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Close)
+	dir := t.TempDir()
+	d, err := keystore.OpenDir(filepath.Join(dir, "store"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, store: d, key: m, audit: filepath.Join(dir, "audit.log")}
+	if e.log, err = audit.Open(e.audit, audit.DefaultMaxBytes); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.log.Close() })
+	return e
+}
+
+func (e *env) put(tenant, name, value string) *keystore.Record {
+	e.t.Helper()
+	r, err := e.store.Put(tenant, name, func(v uint64) (*keystore.Record, error) {
+		return keystore.Seal(e.key.Public(), tenant, name, v, []byte(value))
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return r
+}
+
+// mount mounts a view and unmounts it when the test ends.
+func (e *env) mount(o Options) (*Server, string) {
+	e.t.Helper()
+	mnt := filepath.Join(e.t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		e.t.Fatal(err)
+	}
+	o.Store, o.Key = e.store, e.key
+	if o.Audit == nil {
+		o.Audit = e.log
+	}
+	s, err := Mount(mnt, o)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { unmount(e.t, s, mnt) })
+	return s, mnt
+}
+
+func unmount(t testing.TB, s *Server, mnt string) {
+	var err error
+	for range 50 {
+		if err = s.Unmount(); err == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Errorf("unmount %s: %v; detaching", mnt, err)
+	unix.Unmount(mnt, unix.MNT_DETACH)
+}
+
+func readDir(t *testing.T, dir string) []string {
+	t.Helper()
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, de := range des {
+		names = append(names, de.Name())
+	}
+	return names
+}
+
+func TestRead(t *testing.T) {
+	e := newEnv(t)
+	const value = "sk-test-0123456789abcdef"
+	r := e.put("acme", "openai", value)
+	e.put("acme", "anthropic", "sk-ant-xyz")
+	_, mnt := e.mount(Options{UID: 1234, GID: 5678, FileMode: 0o440})
+
+	got, err := os.ReadFile(filepath.Join(mnt, "acme", "openai"))
+	if err != nil || string(got) != value {
+		t.Fatalf("read = %q, %v; want %q", got, err, value)
+	}
+	if names := readDir(t, mnt); !slices.Equal(names, []string{"acme"}) {
+		t.Errorf("root lists %q", names)
+	}
+	if names := readDir(t, filepath.Join(mnt, "acme")); !slices.Equal(names, []string{"anthropic", "openai"}) {
+		t.Errorf("acme lists %q", names)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(mnt, "acme", "openai"), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Size != int64(len(value)) || st.Size != int64(r.Size()) || st.Mode != syscall.S_IFREG|0o440 || st.Uid != 1234 || st.Gid != 5678 {
+		t.Errorf("stat = size %d mode %o uid %d gid %d; want size %d mode %o 1234:5678", st.Size, st.Mode, st.Uid, st.Gid, len(value), syscall.S_IFREG|0o440)
+	}
+	if err := syscall.Stat(filepath.Join(mnt, "acme"), &st); err != nil || st.Mode != syscall.S_IFDIR|0o555 {
+		t.Errorf("tenant dir mode %o, %v", st.Mode, err)
+	}
+	// Partial and offset reads see the same bytes.
+	f, err := os.Open(filepath.Join(mnt, "acme", "openai"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 5)
+	if n, err := f.ReadAt(buf, 3); err != nil || string(buf[:n]) != value[3:8] {
+		t.Errorf("ReadAt = %q, %v", buf[:n], err)
+	}
+	if n, err := f.ReadAt(buf, 0); err != nil || string(buf[:n]) != value[:5] {
+		t.Errorf("ReadAt after end delivered = %q, %v", buf[:n], err)
+	}
+}
+
+func TestNarrowedView(t *testing.T) {
+	e := newEnv(t)
+	for _, tn := range []string{"acme", "globex"} {
+		for _, k := range []string{"openai", "anthropic", "gemini"} {
+			e.put(tn, k, tn+"-"+k+"-value")
+		}
+	}
+	_, mnt := e.mount(Options{
+		Allow: func(tn string) bool { return tn == "acme" },
+		Keys:  []string{"openai", "anthropic"},
+	})
+	if names := readDir(t, mnt); !slices.Equal(names, []string{"acme"}) {
+		t.Errorf("root lists %q, want only acme", names)
+	}
+	if names := readDir(t, filepath.Join(mnt, "acme")); !slices.Equal(names, []string{"anthropic", "openai"}) {
+		t.Errorf("acme lists %q", names)
+	}
+	if got, err := os.ReadFile(filepath.Join(mnt, "acme", "anthropic")); err != nil || string(got) != "acme-anthropic-value" {
+		t.Errorf("read acme/anthropic = %q, %v", got, err)
+	}
+	for _, p := range []string{
+		"globex", "globex/openai", "globex/gemini", "acme/gemini",
+		"nosuch", "acme/nosuch", "ACME", "acme/OpenAI", "acme/openai@1.rec", "acme/.lock", ".gen", ".lock",
+	} {
+		if _, err := os.Stat(filepath.Join(mnt, p)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("stat %s: %v, want ENOENT", p, err)
+		}
+		if _, err := os.ReadFile(filepath.Join(mnt, p)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("read %s: %v, want ENOENT", p, err)
+		}
+	}
+}
+
+func TestWritesRefused(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	_, mnt := e.mount(Options{})
+	f := filepath.Join(mnt, "acme", "openai")
+	dir := filepath.Join(mnt, "acme")
+	for name, op := range map[string]func() error{
+		"open for write":  func() error { _, err := syscall.Open(f, syscall.O_WRONLY, 0); return err },
+		"open read-write": func() error { _, err := syscall.Open(f, syscall.O_RDWR, 0); return err },
+		"open truncate":   func() error { _, err := syscall.Open(f, syscall.O_RDONLY|syscall.O_TRUNC, 0); return err },
+		"write": func() error {
+			return os.WriteFile(f, []byte("x"), 0o644)
+		},
+		"create": func() error {
+			_, err := syscall.Open(filepath.Join(dir, "new"), syscall.O_CREAT|syscall.O_WRONLY, 0o644)
+			return err
+		},
+		"mkdir":    func() error { return syscall.Mkdir(filepath.Join(mnt, "newtenant"), 0o755) },
+		"mkdir in": func() error { return syscall.Mkdir(filepath.Join(dir, "sub"), 0o755) },
+		"unlink":   func() error { return syscall.Unlink(f) },
+		"rmdir":    func() error { return syscall.Rmdir(dir) },
+		"rename":   func() error { return syscall.Rename(f, filepath.Join(dir, "other")) },
+		"chmod":    func() error { return syscall.Chmod(f, 0o666) },
+		"chown":    func() error { return syscall.Chown(f, 1, 1) },
+		"truncate": func() error { return syscall.Truncate(f, 0) },
+		"utimes":   func() error { return os.Chtimes(f, time.Now(), time.Now()) },
+		"setxattr": func() error { return unix.Setxattr(f, "user.x", []byte("y"), 0) },
+		"rmxattr":  func() error { return unix.Removexattr(f, "user.x") },
+		"symlink":  func() error { return syscall.Symlink("openai", filepath.Join(dir, "ln")) },
+		"link":     func() error { return syscall.Link(f, filepath.Join(dir, "hard")) },
+		"mknod":    func() error { return syscall.Mknod(filepath.Join(dir, "fifo"), syscall.S_IFIFO|0o644, 0) },
+	} {
+		if err := op(); !errors.Is(err, syscall.EROFS) {
+			t.Errorf("%s: %v, want EROFS", name, err)
+		}
+	}
+	if got, err := os.ReadFile(f); err != nil || string(got) != "v1" {
+		t.Errorf("after refused writes, read = %q, %v", got, err)
+	}
+}
+
+func TestMmapRefused(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "secret-value")
+	_, mnt := e.mount(Options{})
+	fd, err := syscall.Open(filepath.Join(mnt, "acme", "openai"), syscall.O_RDONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if b, err := syscall.Mmap(fd, 0, 4096, syscall.PROT_READ, syscall.MAP_SHARED); err == nil {
+		syscall.Munmap(b)
+		t.Error("shared mmap of a key file succeeded")
+	}
+	// FOPEN_DIRECT_IO still lets a private mapping through to the page
+	// cache; keyfs refuses to fill it, so touching the mapping faults.
+	b, err := syscall.Mmap(fd, 0, 4096, syscall.PROT_READ, syscall.MAP_PRIVATE)
+	if err != nil {
+		return // refused outright: better still
+	}
+	defer syscall.Munmap(b)
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	func() {
+		defer func() {
+			if recover() == nil {
+				t.Error("private mapping of a key file is readable")
+			}
+		}()
+		sink += b[0]
+	}()
+}
+
+var sink byte
+
+// TestCopyTools checks that the tools people use read key files whole:
+// refusing page-cache reads must not break splice or copy_file_range.
+func TestCopyTools(t *testing.T) {
+	e := newEnv(t)
+	const value = "copy-me-please"
+	e.put("acme", "openai", value)
+	_, mnt := e.mount(Options{})
+	f := filepath.Join(mnt, "acme", "openai")
+	out := t.TempDir()
+	for name, c := range map[string][]string{
+		"cat": {"sh", "-c", "cat " + f + " > " + out + "/cat"},
+		"cp":  {"cp", f, out + "/cp"},
+		"dd":  {"dd", "status=none", "if=" + f, "of=" + out + "/dd"},
+	} {
+		if b, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Errorf("%s: %v: %s", name, err, b)
+		}
+	}
+	src, err := os.Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	dst, err := os.Create(out + "/iocopy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.Copy(dst, src); err != nil { // copy_file_range, then sendfile
+		t.Error(err)
+	}
+	dst.Close()
+	for _, n := range []string{"cat", "cp", "dd", "iocopy"} {
+		if b, err := os.ReadFile(filepath.Join(out, n)); err != nil || string(b) != value {
+			t.Errorf("%s copied %q, %v", n, b, err)
+		}
+	}
+}
+
+func TestTamperedRecord(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "good-value")
+	r := e.put("acme", "anthropic", "tampered-value")
+	e.put("acme", "gemini", "other-value")
+	ent, err := e.store.Newest("acme", "anthropic")
+	if err != nil || ent.Version != r.Version {
+		t.Fatal(ent, err)
+	}
+	b, err := os.ReadFile(ent.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Flip one base64 character in the last body line (the ciphertext).
+	lines := strings.Split(string(b), "\n")
+	body := lines[len(lines)-3]
+	c := byte('A')
+	if body[0] == 'A' {
+		c = 'B'
+	}
+	lines[len(lines)-3] = string(c) + body[1:]
+	if err := os.WriteFile(ent.Path, []byte(strings.Join(lines, "\n")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, mnt := e.mount(Options{})
+
+	if _, err := os.ReadFile(filepath.Join(mnt, "acme", "anthropic")); !errors.Is(err, syscall.EIO) {
+		t.Errorf("read tampered: %v, want EIO", err)
+	}
+	for k, want := range map[string]string{"openai": "good-value", "gemini": "other-value"} {
+		if got, err := os.ReadFile(filepath.Join(mnt, "acme", k)); err != nil || string(got) != want {
+			t.Errorf("read %s = %q, %v", k, got, err)
+		}
+	}
+	evs, err := audit.Query(e.audit, audit.Filter{Tenant: "acme", Key: "anthropic"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 1 || evs[0].Event != "error" || evs[0].Version != r.Version || !strings.Contains(evs[0].Reason, "tampered") || evs[0].PID != os.Getpid() {
+		t.Errorf("audit for tampered key: %+v", evs)
+	}
+}
+
+func TestRotation(t *testing.T) {
+	e := newEnv(t)
+	var mu sync.Mutex
+	written := map[string]bool{}
+	rotate := func(i int) {
+		// Vary the length too, so a torn read cannot pass by accident.
+		v := fmt.Sprintf("value-%03d-%s", i, strings.Repeat("x", i%17))
+		mu.Lock()
+		written[v] = true
+		mu.Unlock()
+		e.put("acme", "openai", v)
+	}
+	rotate(0)
+	_, mnt := e.mount(Options{})
+	f := filepath.Join(mnt, "acme", "openai")
+
+	stop := make(chan struct{})
+	var reads, bad atomic.Int64
+	var firstBad atomic.Value
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				got, err := os.ReadFile(f)
+				mu.Lock()
+				ok := err == nil && written[string(got)]
+				mu.Unlock()
+				reads.Add(1)
+				if !ok {
+					bad.Add(1)
+					firstBad.CompareAndSwap(nil, fmt.Sprintf("%q, %v", got, err))
+				}
+			}
+		})
+	}
+	start := time.Now()
+	for i := 1; i <= 100; i++ {
+		rotate(i)
+		time.Sleep(time.Until(start.Add(time.Duration(i) * 20 * time.Millisecond)))
+	}
+	close(stop)
+	wg.Wait()
+	if bad.Load() > 0 {
+		t.Errorf("%d of %d reads during rotation were not a written value; first: %v", bad.Load(), reads.Load(), firstBad.Load())
+	}
+	t.Logf("%d reads during 100 rotations", reads.Load())
+	deadline := time.Now().Add(time.Second)
+	for {
+		got, err := os.ReadFile(f)
+		if err == nil && strings.HasPrefix(string(got), "value-100-") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("newest value not served 1s after the last rotation: %q, %v", got, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// within polls cond until it holds or d passes, and returns how long it took.
+func within(t *testing.T, d time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > d {
+			t.Fatalf("%s: not within %v", what, d)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+func TestLiveChanges(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	e.put("acme", "anthropic", "a1")
+	_, mnt := e.mount(Options{})
+	f := filepath.Join(mnt, "acme", "openai")
+	// Let the kernel cache the entry and attributes first.
+	if got, err := os.ReadFile(f); err != nil || string(got) != "v1" {
+		t.Fatalf("read = %q, %v", got, err)
+	}
+
+	if _, err := e.store.Remove("acme", "openai", true); err != nil {
+		t.Fatal(err)
+	}
+	d := within(t, time.Second, "removed key vanishes", func() bool { return !exists(f) })
+	t.Logf("remove visible after %v", d)
+	if names := readDir(t, filepath.Join(mnt, "acme")); !slices.Equal(names, []string{"anthropic"}) {
+		t.Errorf("after remove, acme lists %q", names)
+	}
+
+	g := filepath.Join(mnt, "acme", "gemini")
+	os.Stat(g) // a failed lookup must not be cached
+	e.put("acme", "gemini", "g1")
+	d = within(t, time.Second, "new key appears", func() bool { return exists(g) })
+	t.Logf("put visible after %v", d)
+	if got, err := os.ReadFile(g); err != nil || string(got) != "g1" {
+		t.Errorf("read new key = %q, %v", got, err)
+	}
+
+	// A rotation to a longer value changes the size stat reports.
+	a := filepath.Join(mnt, "acme", "anthropic")
+	e.put("acme", "anthropic", "a2-longer")
+	within(t, time.Second, "rotated key's size updates", func() bool {
+		fi, err := os.Stat(a)
+		return err == nil && fi.Size() == int64(len("a2-longer"))
+	})
+
+	nt := filepath.Join(mnt, "initech")
+	e.put("initech", "openai", "i1")
+	within(t, time.Second, "new tenant appears", func() bool { return exists(filepath.Join(nt, "openai")) })
+
+	// Removing the tenant's last key removes the tenant.
+	if _, err := e.store.Remove("initech", "openai", true); err != nil {
+		t.Fatal(err)
+	}
+	within(t, time.Second, "emptied tenant vanishes", func() bool { return !exists(nt) })
+}
+
+func TestAllowChanges(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "a")
+	e.put("globex", "openai", "g")
+	var globex atomic.Bool
+	s, mnt := e.mount(Options{Allow: func(tn string) bool { return tn == "acme" || globex.Load() }})
+	g := filepath.Join(mnt, "globex", "openai")
+	if exists(g) {
+		t.Fatal("globex visible before it is allowed")
+	}
+	globex.Store(true)
+	s.Refresh()
+	if got, err := os.ReadFile(g); err != nil || string(got) != "g" {
+		t.Fatalf("after allowing globex and Refresh, read = %q, %v", got, err)
+	}
+	if names := readDir(t, mnt); !slices.Equal(names, []string{"acme", "globex"}) {
+		t.Errorf("root lists %q", names)
+	}
+	// Revoked without Refresh: the next poll must hide it, though the
+	// kernel caches the entry.
+	globex.Store(false)
+	within(t, time.Second, "revoked tenant vanishes", func() bool { return !exists(g) && !exists(filepath.Join(mnt, "globex")) })
+	if names := readDir(t, mnt); !slices.Equal(names, []string{"acme"}) {
+		t.Errorf("root lists %q after revoke", names)
+	}
+	globex.Store(true)
+	within(t, time.Second, "re-granted tenant appears", func() bool { return exists(g) })
+}
+
+func TestAudit(t *testing.T) {
+	e := newEnv(t)
+	const value = "sk-audit-SECRET-4f9a2c"
+	r := e.put("acme", "openai", value)
+	pod := audit.Event{PodNamespace: "team-a", PodName: "api-0", PodUID: "3f2a1b4c-1111-2222-3333-444455556666", ServiceAccount: "api", Volume: "keys"}
+	_, mnt := e.mount(Options{Pod: pod})
+	cmd := exec.Command("cat", filepath.Join(mnt, "acme", "openai"))
+	out, err := cmd.Output()
+	if err != nil || string(out) != value {
+		t.Fatalf("cat = %q, %v", out, err)
+	}
+	if _, err := os.ReadFile(filepath.Join(mnt, "acme", "openai")); err != nil {
+		t.Fatal(err)
+	}
+	evs, err := audit.Query(e.audit, audit.Filter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for _, ev := range evs {
+		if ev.Event != "open" || ev.Tenant != "acme" || ev.Key != "openai" || ev.Version != r.Version {
+			t.Errorf("unexpected event %+v", ev)
+		}
+		if ev.PodNamespace != pod.PodNamespace || ev.PodName != pod.PodName || ev.PodUID != pod.PodUID || ev.ServiceAccount != pod.ServiceAccount || ev.Volume != pod.Volume {
+			t.Errorf("pod fields not stamped: %+v", ev)
+		}
+		if ev.UID == nil || *ev.UID != uint32(os.Getuid()) || ev.GID == nil || *ev.GID != uint32(os.Getgid()) {
+			t.Errorf("uid/gid missing: %+v", ev)
+		}
+		pids = append(pids, ev.PID)
+	}
+	if !slices.Equal(pids, []int{cmd.Process.Pid, os.Getpid()}) {
+		t.Errorf("audit pids %v, want cat's %d then ours %d", pids, cmd.Process.Pid, os.Getpid())
+	}
+	b, err := os.ReadFile(e.audit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(b, []byte(value)) || bytes.Contains(b, []byte("SECRET")) {
+		t.Errorf("audit log contains the value:\n%s", b)
+	}
+}
+
+// TestPlaintextWiped checks the handle logic: the plaintext buffer is
+// zeroed once the reply holding its end is done, and on release.
+func TestPlaintextWiped(t *testing.T) {
+	seed := make([]byte, keystore.SeedSize)
+	rand.Read(seed)
+	m, err := keystore.NewMasterKey(seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := keystore.Seal(m.Public(), "acme", "openai", 1, []byte("0123456789"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt, err := m.Open(rec, "acme", "openai")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &handle{v: &version{Entry: keystore.Entry{Tenant: "acme", Name: "openai", Version: 1}}, rec: rec, key: m, pt: pt}
+	head, _ := h.Read(t.Context(), make([]byte, 4), 0)
+	tail, _ := h.Read(t.Context(), make([]byte, 100), 4)
+	tail.Done()
+	if string(pt) != "0123456789" {
+		t.Fatal("wiped while a reply still refers to it")
+	}
+	if b, _ := head.(*reply).Slices(); string(b[0]) != "0123" {
+		t.Fatalf("head reply = %q", b[0])
+	}
+	head.Done()
+	if !bytes.Equal(pt, make([]byte, 10)) || h.pt != nil {
+		t.Fatalf("plaintext not wiped after the last reply: %q", pt)
+	}
+	// Reading again decrypts again; release wipes.
+	r, _ := h.Read(t.Context(), make([]byte, 3), 0)
+	again := h.pt
+	if b, _ := r.(*reply).Slices(); string(b[0]) != "012" {
+		t.Fatalf("re-read = %q", b[0])
+	}
+	r.Done()
+	h.Release(t.Context())
+	if !bytes.Equal(again, make([]byte, 10)) || h.pt != nil {
+		t.Fatalf("plaintext not wiped on release: %q", again)
+	}
+	if eof, _ := h.Read(t.Context(), make([]byte, 3), 10); eof.Size() != 0 {
+		t.Fatal("read at EOF returned data")
+	}
+}
+
+// TestCleanStale kills a process serving a mount and cleans what it left.
+func TestCleanStale(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v")
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if cleaned, err := CleanStale(mnt); cleaned || err != nil {
+		t.Fatalf("CleanStale on a plain dir = %v, %v", cleaned, err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestMountAndHang$")
+	cmd.Env = append(os.Environ(), "KEYFS_TEST_MOUNT_AND_HANG="+e.store.Root()+"|"+mnt)
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); unix.Unmount(mnt, unix.MNT_DETACH) })
+	// Kill only once Mount has returned: a server killed while one of its
+	// own threads waits on its mount (go-fuse's mount probe) cannot exit.
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if line != "mounted\n" {
+		t.Fatalf("helper: %q, %v", line, err)
+	}
+	if !exists(filepath.Join(mnt, "acme")) {
+		t.Fatal("helper's mount does not serve")
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	if _, err := os.ReadDir(mnt); !errors.Is(err, syscall.ENOTCONN) {
+		t.Fatalf("listing a dead mount: %v, want ENOTCONN", err)
+	}
+	if cleaned, err := CleanStale(mnt); !cleaned || err != nil {
+		t.Fatalf("CleanStale = %v, %v; want true", cleaned, err)
+	}
+	if _, err := os.Stat(mnt); err != nil {
+		t.Fatalf("after CleanStale, stat: %v", err)
+	}
+	if cleaned, err := CleanStale(mnt); cleaned || err != nil {
+		t.Fatalf("second CleanStale = %v, %v", cleaned, err)
+	}
+}
+
+// TestMountAndHang is the helper process of TestCleanStale.
+func TestMountAndHang(t *testing.T) {
+	arg := os.Getenv("KEYFS_TEST_MOUNT_AND_HANG")
+	if arg == "" {
+		t.Skip("helper process for TestCleanStale")
+	}
+	root, mnt, _ := strings.Cut(arg, "|")
+	d, err := keystore.OpenDir(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed := make([]byte, keystore.SeedSize)
+	m, _ := keystore.NewMasterKey(seed)
+	if _, err := Mount(mnt, Options{Store: d, Key: m}); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Println("mounted")
+	select {} // until killed
+}
+
+// opLog collects the opcodes of FUSE requests from go-fuse's debug trace.
+type opLog struct {
+	mu  sync.Mutex
+	on  bool
+	ops []string
+}
+
+func (l *opLog) Write(p []byte) (int, error) {
+	// "rx 24: READ n3 {...}"
+	if f := strings.Fields(string(p)); len(f) >= 3 && f[0] == "rx" {
+		l.mu.Lock()
+		if l.on {
+			l.ops = append(l.ops, f[2])
+		}
+		l.mu.Unlock()
+	}
+	return len(p), nil
+}
+
+func (l *opLog) record(on bool) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.on = on
+	ops := l.ops
+	l.ops = nil
+	return ops
+}
+
+// TestRoundTrips pins the FUSE requests of a warm open+read+close: no
+// LOOKUP or GETATTR (long timeouts, notify invalidation), no FLUSH
+// (FOPEN_NOFLUSH); RELEASE is asynchronous.
+func TestRoundTrips(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "secret-value")
+	var ops opLog
+	_, mnt := e.mount(Options{debugLog: log.New(&ops, "", 0)})
+	f := filepath.Join(mnt, "acme", "openai")
+	if _, err := os.ReadFile(f); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the first RELEASE
+	ops.record(true)
+	if b, err := os.ReadFile(f); err != nil || string(b) != "secret-value" {
+		t.Fatal(string(b), err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	got := ops.record(false)
+	if want := []string{"OPEN", "READ", "READ", "RELEASE"}; !slices.Equal(got, want) {
+		t.Errorf("open+read+close sent %v, want %v", got, want)
+	}
+}
