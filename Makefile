@@ -35,5 +35,8 @@ fuzz:
 demo: deps-demo build
 	scripts/demo.sh
 
-bench: deps-bench build
+# Figures, never pass/fail: keyfs vs tmpfs vs gocryptfs reads, tenant
+# scale, then CSI publish and many-mount figures.
+bench: deps-bench
 	$(GO) run -tags $(TAGS) ./test/bench
+	$(GO) run -tags $(TAGS) ./test/benchcsi

@@ -9,7 +9,6 @@ import (
 	"log"
 	"log/slog"
 	"os"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -80,6 +79,7 @@ type Server struct {
 	inos    map[string]uint64
 	nextIno uint64
 
+	served   chan struct{} // closed when the serve loop ends
 	stop     chan struct{}
 	stopOnce sync.Once
 	polling  sync.WaitGroup
@@ -91,7 +91,7 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	if o.Store == nil || o.Key == nil {
 		return nil, errors.New("fusefs: Options.Store and Options.Key are required")
 	}
-	if o.FileMode == 0 {
+	if o.FileMode &= 0o777; o.FileMode == 0 {
 		o.FileMode = 0o444
 	}
 	if o.PollInterval <= 0 {
@@ -104,6 +104,7 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		inos:    map[string]uint64{},
 		nextIno: 2, // 1 is the root
 		stop:    make(chan struct{}),
+		served:  make(chan struct{}),
 	}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -152,7 +153,10 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
 	s.fuse = srv
-	go srv.Serve()
+	go func() {
+		srv.Serve()
+		close(s.served)
+	}()
 	if err := srv.WaitMount(); err != nil {
 		srv.Unmount()
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
@@ -164,8 +168,12 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 
 // Unmount unmounts the view. It fails while files are open.
 func (s *Server) Unmount() error {
-	if err := s.fuse.Unmount(); err != nil {
-		return err
+	select {
+	case <-s.served: // unmounted from outside
+	default:
+		if err := s.fuse.Unmount(); err != nil {
+			return err
+		}
 	}
 	s.stopPolling()
 	return nil
@@ -173,7 +181,7 @@ func (s *Server) Unmount() error {
 
 // Wait returns when the view is unmounted, by Unmount or from outside.
 func (s *Server) Wait() {
-	s.fuse.Wait()
+	<-s.served
 	s.stopPolling()
 }
 
@@ -183,8 +191,16 @@ func (s *Server) stopPolling() {
 }
 
 // Refresh re-reads the store and re-evaluates Allow now, instead of at the
-// next poll; changes are visible in the mount when it returns.
-func (s *Server) Refresh() { s.refresh(true) }
+// next poll; changes are visible in the mount when it returns. After the
+// view is unmounted it does nothing.
+func (s *Server) Refresh() {
+	select {
+	case <-s.stop:
+	case <-s.served:
+	default:
+		s.refresh(true)
+	}
+}
 
 func (s *Server) poll() {
 	defer s.polling.Done()
@@ -295,14 +311,4 @@ func CleanStale(mountpoint string) (bool, error) {
 		return false, fmt.Errorf("detach stale mount %s: %w", mountpoint, err)
 	}
 	return true, nil
-}
-
-// sortedKeys returns m's keys, sorted.
-func sortedKeys[V any](m map[string]V) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	slices.Sort(ks)
-	return ks
 }

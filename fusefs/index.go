@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -146,15 +145,6 @@ func (s *Server) record(v *version) (*keystore.Record, error) {
 	}
 	if v.meta.Load() == nil {
 		v.meta.Store(&meta{size: int64(r.Size()), created: r.Created})
-	}
-	// The parsed header strings point into the whole file's text; share
-	// the entry's strings instead, so a cached record holds little more
-	// than its ciphertext. (Read checked they are equal.)
-	r.Tenant, r.Name = v.Tenant, v.Name
-	if r.KID == s.o.Key.KID() {
-		r.KID = s.o.Key.KID()
-	} else {
-		r.KID = strings.Clone(r.KID)
 	}
 	v.rec.Store(r)
 	s.cache.add(v)

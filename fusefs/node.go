@@ -32,7 +32,7 @@ func (r *rootNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrO
 	return 0
 }
 
-// visibleTenant returns tenant name if this mount shows it now.
+// visibleTenant returns the tenant if this mount shows it now, else nil.
 func (s *Server) visibleTenant(name string) *tenant {
 	t := s.snap.Load().tenants[name]
 	if !t.visible() || !s.allow(name) {

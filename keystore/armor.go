@@ -86,7 +86,8 @@ func parseArmor(data []byte, kind string, keys ...string) (*armor, error) {
 		if !ok || hk != k {
 			return nil, fmt.Errorf("%w: keyfs %s line %d: want the %q header", ErrIntegrity, kind, i+1, k)
 		}
-		a.headers = append(a.headers, header{hk, hv})
+		// Clone: a substring would pin the whole file text in memory.
+		a.headers = append(a.headers, header{hk, strings.Clone(hv)})
 		i++
 	}
 	if i >= len(lines) || lines[i] != "" {

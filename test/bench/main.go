@@ -36,13 +36,14 @@ import (
 
 var (
 	dur     = flag.Duration("d", time.Second, "duration of each measurement")
-	rounds  = flag.Int("rounds", 3, "rounds of measurements, interleaved across filesystems; medians are reported")
+	rounds  = flag.Int("rounds", 5, "rounds of measurements, interleaved across filesystems; medians are reported")
 	conc    = flag.Int("c", 8, "concurrent readers for reads/s")
 	tenants = flag.Int("tenants", 10000, "tenants in the large store (3 keys each)")
 
 	memProfile = flag.String("memprofile", "", "write a heap profile of the keyfs server after the large walk")
 	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of this process (the keyfs server)")
 
+	inproc     = flag.Bool("inproc", false, "read from goroutines of this process instead of a child process")
 	readerMode = flag.String("reader", "", "internal: run as a reader child (latency, throughput, walk)")
 	readerPath = flag.String("path", "", "internal: file or mount the reader child reads")
 )
@@ -52,7 +53,7 @@ const valueSize = 64
 func main() {
 	flag.Parse()
 	if *readerMode != "" {
-		if err := runReader(*readerMode, *readerPath, *conc, *dur); err != nil {
+		if err := readerMain(*readerMode, *readerPath, *conc, *dur); err != nil {
 			fmt.Fprintln(os.Stderr, "reader:", err)
 			os.Exit(1)
 		}
@@ -167,7 +168,12 @@ func run() error {
 	atExit(func() { al.Close() })
 
 	fmt.Printf("keyfs read benchmark: %d-byte key, open+read+close as an application does (open, read to EOF, close),\n", valueSize)
-	fmt.Printf("readers in a separate process; %v per measurement; %d readers for reads/s; GOMAXPROCS %d\n\n", *dur, *conc, runtime.GOMAXPROCS(0))
+	where := "in a separate process"
+	if *inproc {
+		where = "in goroutines of the server's process"
+	}
+	fmt.Printf("readers %s; %v per measurement, medians of %d interleaved rounds; %d readers for reads/s;\n", where, *dur, *rounds, *conc)
+	fmt.Printf("keyfs audits every open to a file; everything on tmpfs; GOMAXPROCS %d, %d CPUs\n\n", runtime.GOMAXPROCS(0), runtime.NumCPU())
 
 	small, smallKey, err := makeStore(filepath.Join(work, "store-small"), m, 10)
 	if err != nil {
@@ -201,8 +207,8 @@ func run() error {
 	}
 	// Rounds interleave the filesystems so drift on a shared machine hits
 	// them alike.
-	fmt.Fprintf(os.Stderr, "measuring %d rounds...\n", *rounds)
-	for range *rounds {
+	for i := range *rounds {
+		fmt.Fprintf(os.Stderr, "round %d/%d:", i+1, *rounds)
 		for _, r := range rows {
 			if r.skipped != "" {
 				continue
@@ -212,7 +218,9 @@ func run() error {
 				return err
 			}
 			r.lats, r.thrs = append(r.lats, lat), append(r.thrs, thr)
+			fmt.Fprintf(os.Stderr, "  %s p50 %s %.0f/s", r.name, us(lat.P50), thr.perSec())
 		}
+		fmt.Fprintln(os.Stderr)
 	}
 
 	// Tenant scale: the large store, latency interleaved with the small one.
@@ -220,7 +228,8 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	for range *rounds {
+	for i := range *rounds {
+		fmt.Fprintf(os.Stderr, "scale round %d/%d:", i+1, *rounds)
 		for _, k := range []struct {
 			run *keyfsRun
 			key key
@@ -233,7 +242,9 @@ func run() error {
 				return fmt.Errorf("reading %s: %d errors, first: %s", k.run.path, lat.Errors, lat.First)
 			}
 			k.run.lats = append(k.run.lats, lat)
+			fmt.Fprintf(os.Stderr, "  %d tenants p50 %s", k.run.tenants, us(lat.P50))
 		}
+		fmt.Fprintln(os.Stderr)
 	}
 	if err := walk(&kl); err != nil {
 		return err
@@ -430,6 +441,9 @@ func measurePath(path string, want []byte) (lat, thr result, err error) {
 }
 
 func child(mode, path string, n int, want []byte) (result, error) {
+	if *inproc {
+		return runReader(mode, path, n, *dur, want)
+	}
 	self, err := os.Executable()
 	if err != nil {
 		return result{}, err

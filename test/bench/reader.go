@@ -54,9 +54,9 @@ func readOnce(path string, buf []byte) ([]byte, error) {
 	return buf[:n], syscall.Close(fd)
 }
 
-// runReader is the child: mode latency (one reader, every read timed),
-// throughput (conc readers, counted) or walk (read every file under path).
-func runReader(mode, path string, conc int, dur time.Duration) error {
+// readerMain is the reader child: it reads as runReader does and reports
+// the result as JSON.
+func readerMain(mode, path string, conc int, dur time.Duration) error {
 	want, err := hex.DecodeString(os.Getenv(expectEnv))
 	if err != nil {
 		return err
@@ -64,6 +64,16 @@ func runReader(mode, path string, conc int, dur time.Duration) error {
 	if len(want) == 0 {
 		want = nil // walk: any content
 	}
+	res, err := runReader(mode, path, conc, dur, want)
+	if err != nil {
+		return err
+	}
+	return json.NewEncoder(os.Stdout).Encode(res)
+}
+
+// runReader reads in mode latency (one reader, every read timed),
+// throughput (conc readers, counted) or walk (every file under path once).
+func runReader(mode, path string, conc int, dur time.Duration, want []byte) (result, error) {
 	var res result
 	var mu sync.Mutex
 	fail := func(err error) {
@@ -121,7 +131,7 @@ func runReader(mode, path string, conc int, dur time.Duration) error {
 		buf := make([]byte, 4096)
 		tenants, err := os.ReadDir(path)
 		if err != nil {
-			return err
+			return res, err
 		}
 		for _, t := range tenants {
 			keys, err := os.ReadDir(filepath.Join(path, t.Name()))
@@ -141,8 +151,8 @@ func runReader(mode, path string, conc int, dur time.Duration) error {
 			}
 		}
 	default:
-		return fmt.Errorf("unknown reader mode %q", mode)
+		return res, fmt.Errorf("unknown reader mode %q", mode)
 	}
 	res.Elapsed = time.Since(start)
-	return json.NewEncoder(os.Stdout).Encode(res)
+	return res, nil
 }
