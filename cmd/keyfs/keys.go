@@ -69,29 +69,6 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 			defer m.Close()
 
 			start := time.Now()
-			t, err := tpm.Open(g.tpm)
-			if err != nil {
-				return err
-			}
-			defer t.Close()
-			blob, err := t.Seal(seed, pcrList)
-			if err != nil {
-				return fmt.Errorf("seal the master seed: %w", err)
-			}
-			// Prove the blob opens before anything depends on it.
-			back, err := t.Unseal(blob)
-			if err != nil {
-				return fmt.Errorf("check the sealed master seed: %w", err)
-			}
-			ok := string(back) == string(seed)
-			clear(back)
-			if !ok {
-				return errors.New("the TPM returned a different seed than it sealed: do not use this TPM")
-			}
-			sealed, err := blob.MarshalText()
-			if err != nil {
-				return err
-			}
 			if recovery != nil {
 				esc, err := keystore.Escrow(recovery, seed)
 				if err != nil {
@@ -103,10 +80,7 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 			} else if err := os.Remove(g.path("master.recovery")); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				return err
 			}
-			if err := keystore.WriteFileAtomic(g.path("master.pub"), m.Public().Marshal(), 0o644); err != nil {
-				return err
-			}
-			if err := keystore.WriteFileAtomic(g.path("master.sealed"), sealed, 0o600); err != nil {
+			if err := g.installMaster(m, seed, pcrList); err != nil {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "keyfs: master key sealed to the TPM in %s", time.Since(start).Round(time.Millisecond))
@@ -306,12 +280,8 @@ func lsCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			tenants := a
-			if len(a) == 0 {
-				if tenants, err = d.Tenants(); err != nil {
-					return err
-				}
-			} else if err := keystore.ValidTenant(a[0]); err != nil {
+			tenants, err := tenantsArg(d, a)
+			if err != nil {
 				return err
 			}
 			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
@@ -388,12 +358,8 @@ func verifyCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			tenants := a
-			if len(a) == 0 {
-				if tenants, err = d.Tenants(); err != nil {
-					return err
-				}
-			} else if err := keystore.ValidTenant(a[0]); err != nil {
+			tenants, err := tenantsArg(d, a)
+			if err != nil {
 				return err
 			}
 			m, err := g.unseal()

@@ -84,9 +84,7 @@ within a second. Every open is written to the audit log.`,
 				return err
 			}
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-			if err := harden.Process(); err != nil {
-				log.Warn("memory hardening incomplete; plaintext could reach swap or a core dump", "err", err)
-			}
+			hardenProcess(log)
 			if cleaned, err := fusefs.CleanStale(mnt); err != nil {
 				return fmt.Errorf("%s: %w", mnt, err)
 			} else if cleaned {
@@ -95,20 +93,12 @@ within a second. Every open is written to the audit log.`,
 			if err := os.MkdirAll(mnt, 0o755); err != nil {
 				return err
 			}
-			d, err := g.store()
+			dm, err := g.startDaemon(auditPath)
 			if err != nil {
 				return err
 			}
-			key, err := g.unseal()
-			if err != nil {
-				return err
-			}
-			defer key.Close()
-			al, err := g.openAudit(auditPath)
-			if err != nil {
-				return err
-			}
-			defer al.Close()
+			defer dm.close()
+			d, key, al := dm.store, dm.key, dm.audit
 			opts := fusefs.Options{Store: d, Key: key, Audit: al, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: uint32(m)}
 			if ts != nil {
 				opts.Allow = func(t string) bool { return slices.Contains(ts, t) }
@@ -152,4 +142,40 @@ func orAll(s string) string {
 		return "all"
 	}
 	return s
+}
+
+func hardenProcess(log *slog.Logger) {
+	if err := harden.Process(); err != nil {
+		log.Warn("memory hardening incomplete; plaintext could reach swap or a core dump", "err", err)
+	}
+}
+
+// daemon is what a serving process holds: the store, the unsealed master
+// key and the audit trail.
+type daemon struct {
+	store *keystore.Dir
+	key   *keystore.MasterKey
+	audit *audit.Logger
+}
+
+func (g *globals) startDaemon(auditPath string) (*daemon, error) {
+	store, err := g.store()
+	if err != nil {
+		return nil, err
+	}
+	key, err := g.unseal()
+	if err != nil {
+		return nil, err
+	}
+	al, err := g.openAudit(auditPath)
+	if err != nil {
+		key.Close()
+		return nil, err
+	}
+	return &daemon{store: store, key: key, audit: al}, nil
+}
+
+func (dm *daemon) close() {
+	dm.audit.Close()
+	dm.key.Close()
 }

@@ -110,23 +110,7 @@ to the master key opens again; master.pub does not change.`,
 			if pub, err := g.publicKey(); err == nil && pub.KID != m.KID() {
 				return fmt.Errorf("%w: master.recovery holds kid %s but master.pub is kid %s: restore both from the same backup", keystore.ErrIntegrity, m.KID(), pub.KID)
 			}
-			t, err := tpm.Open(g.tpm)
-			if err != nil {
-				return err
-			}
-			defer t.Close()
-			blob, err := t.Seal(seed, pcrList)
-			if err != nil {
-				return fmt.Errorf("seal the master seed: %w", err)
-			}
-			sealed, err := blob.MarshalText()
-			if err != nil {
-				return err
-			}
-			if err := keystore.WriteFileAtomic(g.path("master.pub"), m.Public().Marshal(), 0o644); err != nil {
-				return err
-			}
-			if err := keystore.WriteFileAtomic(g.path("master.sealed"), sealed, 0o600); err != nil {
+			if err := g.installMaster(m, seed, pcrList); err != nil {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "keyfs: master key %s resealed to this TPM\n", m.KID())

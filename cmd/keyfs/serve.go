@@ -14,7 +14,6 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/keyfs/keyfs/driver"
-	"github.com/keyfs/keyfs/internal/harden"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -51,23 +50,13 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 				return err
 			}
 			log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
-			if err := harden.Process(); err != nil {
-				log.Warn("memory hardening incomplete; plaintext could reach swap or a core dump", "err", err)
-			}
-			store, err := g.store()
+			hardenProcess(log)
+			dm, err := g.startDaemon(auditPath)
 			if err != nil {
 				return err
 			}
-			key, err := g.unseal()
-			if err != nil {
-				return err
-			}
-			defer key.Close()
-			al, err := g.openAudit(auditPath)
-			if err != nil {
-				return err
-			}
-			defer al.Close()
+			defer dm.close()
+			store, key, al := dm.store, dm.key, dm.audit
 			pol, err := driver.LoadPolicy(policyPath, defaultRule)
 			if err != nil {
 				return usageError{fmt.Errorf("--policy %s: %w", policyPath, err)}

@@ -121,3 +121,43 @@ func (g *globals) readValue(prompt string, keepNewline bool) ([]byte, error) {
 	}
 	return v, nil
 }
+
+// installMaster seals seed (the seed of m) to the TPM, proves the blob
+// unseals, and writes master.pub and master.sealed: the last write is the
+// one that switches the state to the new seal.
+func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int) error {
+	t, err := tpm.Open(g.tpm)
+	if err != nil {
+		return err
+	}
+	defer t.Close()
+	blob, err := t.Seal(seed, pcrs)
+	if err != nil {
+		return fmt.Errorf("seal the master seed: %w", err)
+	}
+	back, err := t.Unseal(blob)
+	if err != nil {
+		return fmt.Errorf("check the sealed master seed: %w", err)
+	}
+	same := bytes.Equal(back, seed)
+	clear(back)
+	if !same {
+		return errors.New("the TPM returned a different seed than it sealed: do not use this TPM")
+	}
+	sealed, err := blob.MarshalText()
+	if err != nil {
+		return err
+	}
+	if err := keystore.WriteFileAtomic(g.path("master.pub"), m.Public().Marshal(), 0o644); err != nil {
+		return err
+	}
+	return keystore.WriteFileAtomic(g.path("master.sealed"), sealed, 0o600)
+}
+
+// tenantsArg is every tenant in the store, or the one named on the command line.
+func tenantsArg(d *keystore.Dir, a []string) ([]string, error) {
+	if len(a) == 1 {
+		return a, keystore.ValidTenant(a[0])
+	}
+	return d.Tenants()
+}
