@@ -8,7 +8,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/keyfs/keyfs/tpm"
 	"github.com/keyfs/keyfs/tpm/tpmtest"
@@ -53,7 +56,10 @@ func (c *cli) run(stdin string, args ...string) result {
 	cmd.Stdin = strings.NewReader(stdin)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
-	err := cmd.Run()
+	if err := cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	err := waitOrDump(c.t, cmd, time.Minute, &e)
 	code := 0
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
@@ -62,6 +68,45 @@ func (c *cli) run(stdin string, args ...string) result {
 		c.t.Fatal(err)
 	}
 	return result{o.String(), e.String(), code}
+}
+
+// waitOrDump waits for cmd; past d it sends SIGQUIT, so a Go child prints
+// every goroutine to stderr, and fails the test with that dump: a hang is
+// a diagnosis, not a silent test timeout.
+func waitOrDump(t *testing.T, cmd *exec.Cmd, d time.Duration, stderr fmt.Stringer) error {
+	t.Helper()
+	cmd.WaitDelay = 5 * time.Second // a grandchild holding our pipes cannot block Wait
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(d):
+		cmd.Process.Signal(syscall.SIGQUIT)
+		time.Sleep(2 * time.Second)
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("%s did not exit within %v; its stderr:\n%s", strings.Join(cmd.Args, " "), d, stderr.String())
+		return nil
+	}
+}
+
+// lockedBuffer is a child's output that a test may read while it runs.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // must runs keyfs and fails the test unless it exits with want.

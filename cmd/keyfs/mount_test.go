@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"errors"
 	"os"
 	"os/exec"
@@ -36,19 +35,19 @@ func mounted(path string) bool {
 }
 
 // startMount runs `keyfs mount` and waits until wantFile reads.
-func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *bytes.Buffer) {
+func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *lockedBuffer) {
 	c.t.Helper()
 	cmd := exec.Command(keyfsBin, "mount", mnt)
 	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	stderr := &lockedBuffer{}
+	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}
 	c.t.Cleanup(func() {
 		if cmd.ProcessState == nil {
 			cmd.Process.Kill()
-			cmd.Wait()
+			waitOrDump(c.t, cmd, 30*time.Second, stderr)
 		}
 		if mounted(mnt) {
 			syscall.Unmount(mnt, syscall.MNT_DETACH)
@@ -57,7 +56,7 @@ func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *bytes.Buffer) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		if _, err := os.ReadFile(filepath.Join(mnt, wantFile)); err == nil {
-			return cmd, &stderr
+			return cmd, stderr
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -72,13 +71,13 @@ func TestMountLifecycle(t *testing.T) {
 	c.must(0, "", "init")
 	c.must(0, "sk-mount-1", "put", "acme/openai")
 
-	cmd, _ := c.startMount(mnt, "acme/openai")
+	cmd, stderr := c.startMount(mnt, "acme/openai")
 	if b, _ := os.ReadFile(filepath.Join(mnt, "acme/openai")); string(b) != "sk-mount-1" {
 		t.Fatalf("read %q", b)
 	}
 	// SIGTERM: a clean exit and no mount left.
 	cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err != nil {
+	if err := waitOrDump(t, cmd, 30*time.Second, stderr); err != nil {
 		t.Fatalf("keyfs mount after SIGTERM: %v", err)
 	}
 	if mounted(mnt) {
@@ -86,19 +85,19 @@ func TestMountLifecycle(t *testing.T) {
 	}
 
 	// kill -9 leaves a dead mount (ENOTCONN); the next start cleans it.
-	cmd, _ = c.startMount(mnt, "acme/openai")
+	cmd, stderr = c.startMount(mnt, "acme/openai")
 	cmd.Process.Signal(syscall.SIGKILL)
-	cmd.Wait()
+	waitOrDump(t, cmd, 30*time.Second, stderr)
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(mnt, &st); !errors.Is(err, syscall.ENOTCONN) {
 		t.Fatalf("after kill -9, statfs %s = %v, want ENOTCONN (a dead FUSE mount)", mnt, err)
 	}
-	cmd, stderr := c.startMount(mnt, "acme/openai")
+	cmd, stderr = c.startMount(mnt, "acme/openai")
 	if !strings.Contains(stderr.String(), "stale") {
 		t.Errorf("restart did not report the stale mount it cleaned: %s", stderr.String())
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err != nil {
+	if err := waitOrDump(t, cmd, 30*time.Second, stderr); err != nil {
 		t.Fatal(err)
 	}
 	if mounted(mnt) {
@@ -132,7 +131,13 @@ func TestDemo(t *testing.T) {
 	for run := range 2 {
 		cmd := exec.Command("../../scripts/demo.sh")
 		cmd.Env = append(os.Environ(), "KEYFS_BIN="+keyfsBin, "DEMO_ONESHOT=1")
-		out, err := cmd.CombinedOutput()
+		var buf lockedBuffer
+		cmd.Stdout, cmd.Stderr = &buf, &buf
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		err := waitOrDump(t, cmd, time.Minute, &buf)
+		out := []byte(buf.String())
 		if err != nil {
 			t.Fatalf("demo run %d: %v\n%s", run+1, err, out)
 		}

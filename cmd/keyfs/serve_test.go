@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"net"
@@ -57,7 +56,7 @@ func TestServe(t *testing.T) {
 	cmd := exec.Command(keyfsBin, "serve", "--csi-endpoint", "unix://"+sock, "--node-id", "node-1",
 		"--kubelet-dir", kubelet, "--kubelet-registration-dir", regDir, "--metrics-addr", metrics)
 	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
-	var logs bytes.Buffer
+	var logs lockedBuffer
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -65,7 +64,7 @@ func TestServe(t *testing.T) {
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
 			cmd.Process.Kill()
-			cmd.Wait()
+			waitOrDump(t, cmd, 30*time.Second, &logs)
 		}
 	})
 	healthz := func() int {
@@ -140,7 +139,7 @@ func TestServe(t *testing.T) {
 		t.Fatalf("target after unpublish: %v", err)
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err != nil {
+	if err := waitOrDump(t, cmd, 30*time.Second, &logs); err != nil {
 		t.Fatalf("serve after SIGTERM: %v\n%s", err, logs.String())
 	}
 	if strings.Contains(logs.String(), "sk-serve") {
