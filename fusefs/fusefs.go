@@ -9,6 +9,7 @@ import (
 	"log"
 	"log/slog"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -152,6 +153,7 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
+	closeOnExecFUSE()
 	s.fuse = srv
 	go func() {
 		srv.Serve()
@@ -311,4 +313,24 @@ func CleanStale(mountpoint string) (bool, error) {
 		return false, fmt.Errorf("detach stale mount %s: %w", mountpoint, err)
 	}
 	return true, nil
+}
+
+// closeOnExecFUSE marks this process's /dev/fuse descriptors close-on-exec.
+// go-fuse's direct mount opens /dev/fuse without O_CLOEXEC; a child
+// started later would inherit the connection and keep a killed server's
+// mount hanging instead of failing with ENOTCONN.
+func closeOnExecFUSE() {
+	des, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, de := range des {
+		fd, err := strconv.Atoi(de.Name())
+		if err != nil {
+			continue
+		}
+		if target, err := os.Readlink("/proc/self/fd/" + de.Name()); err == nil && target == "/dev/fuse" {
+			syscall.CloseOnExec(fd)
+		}
+	}
 }

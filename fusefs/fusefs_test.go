@@ -849,3 +849,18 @@ func TestRoundTrips(t *testing.T) {
 		t.Errorf("open+read+close sent %v, want %v", got, want)
 	}
 }
+
+// TestChildrenDoNotInheritFUSE: a child started after a mount must not hold
+// the FUSE connection, or a killed server's mount hangs instead of failing.
+func TestChildrenDoNotInheritFUSE(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "sk-1")
+	e.mount(Options{})
+	out, err := exec.Command("sh", "-c", "ls -l /proc/self/fd/").CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if strings.Contains(string(out), "/dev/fuse") {
+		t.Fatalf("a child process inherited /dev/fuse:\n%s", out)
+	}
+}
