@@ -4,8 +4,9 @@ GO        ?= go
 TAGS      := simulator
 FUZZTIME  ?= 10s
 BIN       := bin
+IMAGE     ?= ghcr.io/keyfs/keyfs:v0.1.0
 
-.PHONY: build build-static test lint fuzz demo bench deps-demo deps-test deps-bench
+.PHONY: build build-static image test e2e lint fuzz demo bench deps-demo deps-test deps-bench
 
 # The development binary: includes the in-process TPM simulator (--tpm sim).
 build:
@@ -14,6 +15,11 @@ build:
 # The production binary: static, no simulator.
 build-static:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/keyfs-static ./cmd/keyfs
+
+# The image users run (FROM scratch + the static binary) as one tarball
+# that `ctr -n k8s.io images import` and `docker load` accept; no Docker.
+image: build-static
+	$(GO) run ./internal/cmd/mkimage -binary $(BIN)/keyfs-static -tag $(IMAGE) -o $(BIN)/keyfs-image.tar
 
 lint:
 	$(GO) vet -tags $(TAGS) ./...
@@ -28,6 +34,12 @@ deps-demo deps-test deps-bench:
 test: deps-test lint
 	$(GO) test -tags $(TAGS) -count=1 ./...
 	FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
+
+# Root only. A real single-node Kubernetes on 127.0.0.1 runs keyfs from its
+# image and manifests/ (test/e2e/README.md). The first run builds Kubernetes
+# (about 9 minutes, cached in /var/cache/keyfs-e2e).
+e2e: image
+	$(GO) run ./test/e2e -image $(BIN)/keyfs-image.tar -keyfs $(BIN)/keyfs-static
 
 fuzz:
 	FUZZTIME=$(FUZZTIME) scripts/fuzz.sh

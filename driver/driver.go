@@ -196,16 +196,20 @@ func (d *Driver) volumes() []*volume {
 
 // Close unmounts every view but keeps the volume records, so a restarted
 // daemon's Restore mounts them again at the same targets. Call it after
-// Serve has returned. (A FUSE mount
-// cannot outlive its server; unmounting leaves pods an empty directory
-// rather than ENOTCONN until the daemon is back.)
+// Serve has returned. A FUSE mount cannot outlive its server: running pods
+// hold their own binds and get ENOTCONN once this process exits, until
+// they are restarted.
 func (d *Driver) Close() {
 	d.unsub()
+	var wg sync.WaitGroup
 	for _, v := range d.volumes() {
-		if err := d.unmountView(v); err != nil {
-			d.log.Error("keyfs: cannot unmount on shutdown", "volume", v.rec.VolumeID, "target", v.rec.Target, "err", err)
-		}
+		wg.Go(func() {
+			if err := d.unmountView(v); err != nil {
+				d.log.Error("keyfs: cannot unmount on shutdown", "volume", v.rec.VolumeID, "target", v.rec.Target, "err", err)
+			}
+		})
 	}
+	wg.Wait()
 	d.mu.Lock()
 	d.vols = map[string]*volume{}
 	d.targets = map[string]string{}

@@ -168,13 +168,27 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	return s, nil
 }
 
-// Unmount unmounts the view. It fails while files are open.
+// unmountWait bounds how long Unmount waits for the server to stop once
+// the mount is gone from this mount namespace.
+const unmountWait = time.Second
+
+// Unmount unmounts the view. It fails while files are open. A pod's
+// container holds its own bind of the mount, which keeps the connection
+// (and this server) alive after the unmount here; Unmount does not wait
+// for those: they end when this process exits.
 func (s *Server) Unmount() error {
 	select {
 	case <-s.served: // unmounted from outside
 	default:
-		if err := s.fuse.Unmount(); err != nil {
-			return err
+		done := make(chan error, 1)
+		go func() { done <- s.fuse.Unmount() }()
+		select {
+		case err := <-done:
+			if err != nil {
+				return err
+			}
+		case <-time.After(unmountWait):
+			s.log.Warn("keyfs: unmounted, but another mount namespace still holds the view; it ends with this process")
 		}
 	}
 	s.stopPolling()

@@ -864,3 +864,52 @@ func TestChildrenDoNotInheritFUSE(t *testing.T) {
 		t.Fatalf("a child process inherited /dev/fuse:\n%s", out)
 	}
 }
+
+// TestUnmountWithForeignBind: a pod's container holds its own copy of the
+// mount. Unmount here must not wait for it (the daemon would hang on
+// SIGTERM until kubelet kills it); the server ends when that copy goes.
+func TestUnmountWithForeignBind(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "sk-1")
+	s, mnt := e.mount(Options{})
+	holder := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c",
+		"cat "+mnt+"/acme/openai >/dev/null && echo ready && exec sleep 60")
+	out, _ := holder.StdoutPipe()
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	line := make([]byte, 6)
+	if _, err := io.ReadFull(out, line); err != nil || string(line) != "ready\n" {
+		t.Fatalf("holder not ready: %q %v", line, err)
+	}
+	start := time.Now()
+	if err := s.Unmount(); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("Unmount waited %v for a mount held in another namespace", d)
+	}
+	if mountedAt(mnt) {
+		t.Fatal("still mounted here after Unmount")
+	}
+	holder.Process.Kill()
+	holder.Wait()
+	done := make(chan struct{})
+	go func() { s.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("server still running after the last copy of the mount went away")
+	}
+}
+
+func mountedAt(path string) bool {
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
+			return true
+		}
+	}
+	return false
+}
