@@ -287,20 +287,16 @@ func lsCmd(g *globals) *cobra.Command {
 			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "TENANT\tNAME\tVERSION\tKID\tCREATED")
 			n := 0
-			for _, t := range tenants {
-				es, err := d.Keys(t)
+			err = eachKey(d, tenants, func(e keystore.Entry, r *keystore.Record, err error) {
 				if err != nil {
-					return err
+					fmt.Fprintf(w, "%s\t%s\t%d\t?\tunreadable: %v\n", e.Tenant, e.Name, e.Version, err)
+					return
 				}
-				for _, e := range es {
-					r, err := d.Read(e)
-					if err != nil {
-						fmt.Fprintf(w, "%s\t%s\t%d\t?\tunreadable: %v\n", t, e.Name, e.Version, err)
-						continue
-					}
-					fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", t, e.Name, e.Version, r.KID, r.Created.Format(time.RFC3339))
-					n++
-				}
+				fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%s\n", e.Tenant, e.Name, e.Version, r.KID, r.Created.Format(time.RFC3339))
+				n++
+			})
+			if err != nil {
+				return err
 			}
 			if err := w.Flush(); err != nil {
 				return err
@@ -370,27 +366,23 @@ func verifyCmd(g *globals) *cobra.Command {
 			w := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "TENANT\tNAME\tVERSION\tSTATUS")
 			var firstErr error
-			for _, t := range tenants {
-				es, err := d.Keys(t)
+			err = eachKey(d, tenants, func(e keystore.Entry, r *keystore.Record, err error) {
+				if err == nil {
+					var v []byte
+					v, err = m.Open(r, e.Tenant, e.Name)
+					clear(v)
+				}
+				status := "ok"
 				if err != nil {
-					return err
-				}
-				for _, e := range es {
-					r, err := d.Read(e)
-					if err == nil {
-						var v []byte
-						v, err = m.Open(r, e.Tenant, e.Name)
-						clear(v)
+					status = err.Error()
+					if firstErr == nil {
+						firstErr = fmt.Errorf("%s/%s: %w", e.Tenant, e.Name, err)
 					}
-					status := "ok"
-					if err != nil {
-						status = err.Error()
-						if firstErr == nil {
-							firstErr = fmt.Errorf("%s/%s: %w", e.Tenant, e.Name, err)
-						}
-					}
-					fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", t, e.Name, e.Version, status)
 				}
+				fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", e.Tenant, e.Name, e.Version, status)
+			})
+			if err != nil {
+				return err
 			}
 			if err := w.Flush(); err != nil {
 				return err

@@ -161,3 +161,19 @@ func tenantsArg(d *keystore.Dir, a []string) ([]string, error) {
 	}
 	return d.Tenants()
 }
+
+// eachKey reads the newest record of every key of tenants and hands it to
+// f with the read error, if any.
+func eachKey(d *keystore.Dir, tenants []string, f func(keystore.Entry, *keystore.Record, error)) error {
+	for _, t := range tenants {
+		es, err := d.Keys(t)
+		if err != nil {
+			return err
+		}
+		for _, e := range es {
+			r, err := d.Read(e)
+			f(e, r, err)
+		}
+	}
+	return nil
+}
