@@ -102,15 +102,20 @@ func (m *MasterKey) Close() {
 	m.priv = nil
 }
 
-// dek returns the record's data key, from cache or by one HPKE decapsulation.
-func (m *MasterKey) dek(info, enc []byte) ([]byte, error) {
+// dekID names a record's data key in the cache: its HPKE info and
+// encapsulation determine it.
+func dekID(info, enc []byte) (id [32]byte) {
 	h := sha256.New()
 	h.Write(info)
 	h.Write([]byte{0})
 	h.Write(enc)
-	var id [32]byte
 	h.Sum(id[:0])
+	return id
+}
 
+// dek returns the data key with cache id, from cache or by one HPKE
+// decapsulation of enc.
+func (m *MasterKey) dek(id [32]byte, info, enc []byte) ([]byte, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if k, ok := m.deks[id]; ok {

@@ -42,6 +42,15 @@ type Record struct {
 	Created time.Time
 
 	enc, ct []byte
+	// Derived once, when sealed or parsed: every open needs them.
+	aad   []byte   // the header text, GCM additional data
+	dekID [32]byte // the data key's cache id
+}
+
+// derive fills what Open needs from the headers and encapsulation.
+func (r *Record) derive() {
+	r.aad = r.armor().headerText()
+	r.dekID = dekID(recordInfo(r.Tenant, r.Name), r.enc)
 }
 
 const (
@@ -89,7 +98,8 @@ func Seal(pub *PublicKey, tenant, name string, version uint64, value []byte) (*R
 	if err != nil {
 		return nil, err
 	}
-	r.ct = g.Seal(nil, zeroNonce, value, r.armor().headerText())
+	r.derive()
+	r.ct = g.Seal(nil, zeroNonce, value, r.aad)
 	return r, nil
 }
 
@@ -155,6 +165,7 @@ func ParseRecord(data []byte) (*Record, error) {
 		return nil, fmt.Errorf("%w: record body is %d bytes, more than a %d-byte value needs", ErrIntegrity, len(a.body), MaxValueSize)
 	}
 	r.enc, r.ct = a.body[:encSize], a.body[encSize:]
+	r.derive()
 	return r, nil
 }
 
@@ -168,7 +179,9 @@ func (m *MasterKey) Open(r *Record, tenant, name string) ([]byte, error) {
 	if r.KID != m.pub.KID {
 		return nil, &KIDMismatchError{Record: r.KID, Have: m.pub.KID}
 	}
-	dek, err := m.dek(recordInfo(tenant, name), r.enc)
+	// r's tenant and name equal the expected ones (checked above), so the
+	// id and additional data derived from its headers are the right ones.
+	dek, err := m.dek(r.dekID, recordInfo(tenant, name), r.enc)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s/%s version %d: cannot unwrap its data key (tampered): %w", ErrIntegrity, tenant, name, r.Version, err)
 	}
@@ -176,7 +189,7 @@ func (m *MasterKey) Open(r *Record, tenant, name string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	v, err := g.Open(nil, zeroNonce, r.ct, r.armor().headerText())
+	v, err := g.Open(nil, zeroNonce, r.ct, r.aad)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s/%s version %d does not authenticate: the record was tampered with, or its headers edited", ErrIntegrity, tenant, name, r.Version)
 	}
