@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/internal/fusetest"
 	"github.com/keyfs/keyfs/keystore"
 )
 
@@ -31,19 +32,6 @@ func TestMain(m *testing.M) {
 		os.Exit(runHelper())
 	}
 	os.Exit(m.Run())
-}
-
-// requireFUSE skips without root or /dev/fuse, except in CI, where every
-// test must run.
-func requireFUSE(t testing.TB) {
-	t.Helper()
-	if _, err := os.Stat("/dev/fuse"); err == nil && os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatal("driver tests need root and /dev/fuse")
-	}
-	t.Skip("driver tests need root and /dev/fuse")
 }
 
 // The keys every test store holds.
@@ -82,7 +70,7 @@ type env struct {
 
 func newEnv(t *testing.T, c envConfig) *env {
 	t.Helper()
-	requireFUSE(t)
+	fusetest.Require(t)
 	e := newStoreEnv(t)
 	if c.policy != "" {
 		e.policyPath = filepath.Join(e.dir, "policy.yaml")

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/keyfs/keyfs/internal/fusetest"
 	"github.com/keyfs/keyfs/keystore"
 )
 
@@ -109,7 +110,7 @@ func (dm *daemon) kill(sig syscall.Signal) error {
 }
 
 func TestRestartAfterSIGKILL(t *testing.T) {
-	requireFUSE(t)
+	fusetest.Require(t)
 	e := newStoreEnv(t)
 	t.Cleanup(func() { detachAll(t, e.dir) })
 	p := pod("acme", "default")

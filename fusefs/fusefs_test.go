@@ -25,23 +25,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/internal/fusetest"
 	"github.com/keyfs/keyfs/keystore"
 )
-
-// requireFUSE skips without root or /dev/fuse, except in CI, where the
-// tests must run.
-func requireFUSE(t testing.TB) {
-	t.Helper()
-	_, err := os.Stat("/dev/fuse")
-	if err == nil && os.Geteuid() == 0 {
-		return
-	}
-	msg := "keyfs mount tests need root and /dev/fuse"
-	if os.Getenv("CI") != "" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-}
 
 type env struct {
 	t     testing.TB
@@ -71,7 +57,7 @@ func (b *syncBuffer) String() string {
 
 func newEnv(t testing.TB) *env {
 	t.Helper()
-	requireFUSE(t)
+	fusetest.Require(t)
 	seed := make([]byte, keystore.SeedSize)
 	rand.Read(seed)
 	m, err := keystore.NewMasterKey(seed)
@@ -890,7 +876,7 @@ func TestUnmountWithForeignBind(t *testing.T) {
 	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("Unmount waited %v for a mount held in another namespace", d)
 	}
-	if mountedAt(mnt) {
+	if fusetest.Mounted(mnt) {
 		t.Fatal("still mounted here after Unmount")
 	}
 	holder.Process.Kill()
@@ -902,14 +888,4 @@ func TestUnmountWithForeignBind(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("server still running after the last copy of the mount went away")
 	}
-}
-
-func mountedAt(path string) bool {
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
-			return true
-		}
-	}
-	return false
 }

@@ -9,30 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/keyfs/keyfs/internal/fusetest"
 )
-
-// requireFUSE skips without root or /dev/fuse, unless CI is set.
-func requireFUSE(t *testing.T) {
-	t.Helper()
-	_, err := os.Stat("/dev/fuse")
-	if err == nil && os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") != "" {
-		t.Fatalf("FUSE tests need root and /dev/fuse (CI is set, so not skipping): euid %d, %v", os.Geteuid(), err)
-	}
-	t.Skipf("needs root and /dev/fuse: euid %d, %v", os.Geteuid(), err)
-}
-
-func mounted(path string) bool {
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && f[4] == path {
-			return true
-		}
-	}
-	return false
-}
 
 // startMount runs `keyfs mount` and waits until wantFile reads.
 func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *lockedBuffer) {
@@ -49,7 +28,7 @@ func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *lockedBuffer) {
 			cmd.Process.Kill()
 			waitOrDump(c.t, cmd, 30*time.Second, stderr)
 		}
-		if mounted(mnt) {
+		if fusetest.Mounted(mnt) {
 			syscall.Unmount(mnt, syscall.MNT_DETACH)
 		}
 	})
@@ -65,7 +44,7 @@ func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *lockedBuffer) {
 }
 
 func TestMountLifecycle(t *testing.T) {
-	requireFUSE(t)
+	fusetest.Require(t)
 	c := &cli{t: t, state: filepath.Join(t.TempDir(), "state"), tpm: "sim"}
 	mnt := filepath.Join(t.TempDir(), "keys")
 	c.must(0, "", "init")
@@ -80,7 +59,7 @@ func TestMountLifecycle(t *testing.T) {
 	if err := waitOrDump(t, cmd, 30*time.Second, stderr); err != nil {
 		t.Fatalf("keyfs mount after SIGTERM: %v", err)
 	}
-	if mounted(mnt) {
+	if fusetest.Mounted(mnt) {
 		t.Fatal("mount left behind after SIGTERM")
 	}
 
@@ -100,7 +79,7 @@ func TestMountLifecycle(t *testing.T) {
 	if err := waitOrDump(t, cmd, 30*time.Second, stderr); err != nil {
 		t.Fatal(err)
 	}
-	if mounted(mnt) {
+	if fusetest.Mounted(mnt) {
 		t.Fatal("mount left behind")
 	}
 	if strings.Contains(stderr.String(), "sk-mount") {
@@ -127,7 +106,7 @@ func TestMountRefusals(t *testing.T) {
 // TestDemo runs the README's demo command's script as a new user would,
 // minus the wait for Ctrl-C, twice.
 func TestDemo(t *testing.T) {
-	requireFUSE(t)
+	fusetest.Require(t)
 	for run := range 2 {
 		cmd := exec.Command("../../scripts/demo.sh")
 		cmd.Env = append(os.Environ(), "KEYFS_BIN="+keyfsBin, "DEMO_ONESHOT=1")

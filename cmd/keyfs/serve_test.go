@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"github.com/keyfs/keyfs/internal/fusetest"
 )
 
 func freeAddr(t *testing.T) string {
@@ -40,7 +42,7 @@ func dialUnix(t *testing.T, path string) *grpc.ClientConn {
 }
 
 func TestServe(t *testing.T) {
-	requireFUSE(t)
+	fusetest.Require(t)
 	tmp := t.TempDir()
 	c := &cli{t: t, state: filepath.Join(tmp, "state"), tpm: "sim"}
 	c.must(0, "", "init")
@@ -159,7 +161,7 @@ func TestServe(t *testing.T) {
 }
 
 func TestServeWithoutState(t *testing.T) {
-	requireFUSE(t)
+	fusetest.Require(t)
 	c := &cli{t: t, state: filepath.Join(t.TempDir(), "none"), tpm: "sim"}
 	r := c.must(exitNotFound, "", "serve", "--csi-endpoint", "unix://"+filepath.Join(t.TempDir(), "csi.sock"), "--metrics-addr", freeAddr(t))
 	if !strings.Contains(r.stderr, "keyfs init") {
