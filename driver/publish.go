@@ -196,13 +196,10 @@ func prepareTarget(target string, create bool) (made bool, err error) {
 }
 
 // detachLeftover detaches the keyfs mounts at target that this process
-// does not serve: a dead one a killed daemon left (fusefs.CleanStale), and
-// per /proc/self/mountinfo any other keyfs mount, such as a live one of an
-// old daemon that is still shutting down. Other filesystems are refused.
+// does not serve, found in /proc/self/mountinfo without touching target: a
+// dead one a killed daemon left, or a live one of an old daemon that is
+// still shutting down. Other filesystems are refused.
 func detachLeftover(target string) error {
-	if _, err := fusefs.CleanStale(target); err != nil {
-		return err
-	}
 	for range 16 { // a crash-looping daemon may have stacked several
 		m, err := mountAt(target)
 		if err != nil || m == nil {
