@@ -9,6 +9,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
+	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/keystore"
 )
 
@@ -203,37 +204,20 @@ func parseAttributes(attrs map[string]string, pod podIdentity) (volumeParams, er
 		return p, err
 	}
 	if s, ok := attrs[attrMode]; ok {
-		m, err := strconv.ParseUint(s, 8, 32)
-		switch {
-		case err != nil:
-			return p, fmt.Errorf("mode %q: want an octal mode such as 0440", s)
-		case m > 0o777:
-			return p, fmt.Errorf("mode %q is out of range: want 0400..0444 (octal)", s)
-		case m&^0o444 != 0:
-			return p, fmt.Errorf("mode %q has write or execute bits: keyfs files are read-only, use read bits only (0444, 0440, 0400)", s)
-		case m == 0:
-			return p, fmt.Errorf("mode %q lets nobody read: use 0400, 0440 or 0444", s)
+		if p.Mode, err = fusefs.ParseFileMode(s); err != nil {
+			return p, err
 		}
-		p.Mode = uint32(m)
 	}
 	return p, nil
 }
 
 // splitList parses a comma list, checking each item, sorted and deduplicated.
 func splitList(attr, s string, valid func(string) error) ([]string, error) {
-	var out []string
-	for item := range strings.SplitSeq(s, ",") {
-		item = strings.TrimSpace(item)
-		if item == "" {
-			return nil, fmt.Errorf("%s %q: want a comma-separated list with no empty items", attr, s)
-		}
-		if err := valid(item); err != nil {
-			return nil, fmt.Errorf("%s: %w", attr, err)
-		}
-		out = append(out, item)
+	out, err := keystore.SplitNames(s, valid)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", attr, err)
 	}
-	slices.Sort(out)
-	return slices.Compact(out), nil
+	return out, nil
 }
 
 func parseID(attrs map[string]string, attr string) (uint32, error) {

@@ -348,3 +348,20 @@ func closeOnExecFUSE() {
 		}
 	}
 }
+
+// ParseFileMode parses an octal file mode for a view's keys: read bits
+// only, and at least one of them.
+func ParseFileMode(s string) (uint32, error) {
+	m, err := strconv.ParseUint(s, 8, 32)
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("mode %q: want an octal mode such as 0440", s)
+	case m > 0o777:
+		return 0, fmt.Errorf("mode %q is out of range: want 0400..0444 (octal)", s)
+	case m&^0o444 != 0:
+		return 0, fmt.Errorf("mode %q has write or execute bits: keyfs files are read-only, use read bits only (0444, 0440, 0400)", s)
+	case m == 0:
+		return 0, fmt.Errorf("mode %q lets nobody read: use 0400, 0440 or 0444", s)
+	}
+	return uint32(m), nil
+}

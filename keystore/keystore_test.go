@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -48,6 +49,17 @@ func TestNames(t *testing.T) {
 	for _, s := range []string{"", ".", "..", ".hidden", "-x", "_x", "Open", "a/b", "a b", strings.Repeat("k", 64)} {
 		if err := ValidKeyName(s); !errors.Is(err, ErrInvalidName) || !strings.Contains(err.Error(), "starting with a letter or digit") {
 			t.Errorf("ValidKeyName(%q) = %v, want the rule", s, err)
+		}
+	}
+	if got, err := SplitNames(" beta,acme,beta ", ValidTenant); err != nil || !slices.Equal(got, []string{"acme", "beta"}) {
+		t.Errorf("SplitNames: %v %v, want sorted and deduplicated", got, err)
+	}
+	if got, err := SplitNames("", ValidTenant); err != nil || got != nil {
+		t.Errorf("SplitNames of nothing: %v %v", got, err)
+	}
+	for _, bad := range []string{"acme,", "acme,,beta", "acme,Beta"} {
+		if _, err := SplitNames(bad, ValidTenant); !errors.Is(err, ErrInvalidName) {
+			t.Errorf("SplitNames(%q) = %v, want ErrInvalidName", bad, err)
 		}
 	}
 	if _, _, err := ParseRef("acme"); err == nil || !strings.Contains(err.Error(), "TENANT/NAME") {

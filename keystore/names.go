@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"strings"
 )
 
@@ -45,4 +46,26 @@ func ParseRef(ref string) (tenant, name string, err error) {
 		return "", "", err
 	}
 	return tenant, name, nil
+}
+
+// SplitNames parses a comma-separated list of tenants or key names (valid
+// is ValidTenant or ValidKeyName), sorted and without duplicates. An empty
+// string is an empty list; an empty item is an error.
+func SplitNames(s string, valid func(string) error) ([]string, error) {
+	if s == "" {
+		return nil, nil
+	}
+	var out []string
+	for item := range strings.SplitSeq(s, ",") {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			return nil, fmt.Errorf("%w: %q: want a comma-separated list with no empty items", ErrInvalidName, s)
+		}
+		if err := valid(item); err != nil {
+			return nil, err
+		}
+		out = append(out, item)
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
 }

@@ -89,8 +89,17 @@ func TestMountLifecycle(t *testing.T) {
 
 func TestMountRefusals(t *testing.T) {
 	c := &cli{t: t, state: filepath.Join(t.TempDir(), "state"), tpm: "sim"}
-	c.must(exitUsage, "", "mount", "--mode", "0644", t.TempDir())
-	c.must(exitUsage, "", "mount", "--tenants", "Bad_Tenant", t.TempDir())
+	for args, want := range map[[2]string]string{
+		{"--mode", "0644"}:          "write or execute bits",
+		{"--mode", "0"}:             "lets nobody read",
+		{"--tenants", "Bad_Tenant"}: "a tenant is 1-63 characters",
+		{"--tenants", "acme,,beta"}: "no empty items",
+		{"--keys", "openai,../etc"}: "a key name is 1-63 characters",
+	} {
+		if r := c.must(exitUsage, "", "mount", args[0], args[1], t.TempDir()); !strings.Contains(r.stderr, want) {
+			t.Errorf("mount %s %s: %q lacks %q", args[0], args[1], r.stderr, want)
+		}
+	}
 	if os.Geteuid() == 0 {
 		// As a non-root user: a clear permission error.
 		cmd := exec.Command(keyfsBin, "mount", t.TempDir())

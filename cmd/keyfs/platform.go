@@ -6,8 +6,6 @@ import (
 	"os"
 	"os/signal"
 	"slices"
-	"strconv"
-	"strings"
 	"syscall"
 
 	"github.com/keyfs/keyfs/fusefs"
@@ -19,22 +17,6 @@ import (
 
 func addPlatformCommands(root *cobra.Command, g *globals) {
 	root.AddCommand(mountCmd(g), serveCmd(g))
-}
-
-// splitList parses a comma list, checking each item.
-func splitList(s string, check func(string) error) ([]string, error) {
-	if s == "" {
-		return nil, nil
-	}
-	var out []string
-	for _, item := range strings.Split(s, ",") {
-		item = strings.TrimSpace(item)
-		if err := check(item); err != nil {
-			return nil, err
-		}
-		out = append(out, item)
-	}
-	return out, nil
 }
 
 // openAudit opens STATE/audit.log, or stdout for "-".
@@ -68,17 +50,17 @@ within a second. Every open is written to the audit log.`,
 		Args: args(cobra.ExactArgs(1)),
 		RunE: func(_ *cobra.Command, a []string) error {
 			mnt := a[0]
-			ts, err := splitList(tenants, keystore.ValidTenant)
+			ts, err := keystore.SplitNames(tenants, keystore.ValidTenant)
 			if err != nil {
 				return err
 			}
-			ks, err := splitList(keys, keystore.ValidKeyName)
+			ks, err := keystore.SplitNames(keys, keystore.ValidKeyName)
 			if err != nil {
 				return err
 			}
-			m, err := strconv.ParseUint(mode, 8, 32)
-			if err != nil || m&^0o444 != 0 {
-				return usagef("--mode %q: want octal read bits only, within 0444 (for example 0440)", mode)
+			m, err := fusefs.ParseFileMode(mode)
+			if err != nil {
+				return usageError{fmt.Errorf("--%w", err)}
 			}
 			if err := requireRoot("mount"); err != nil {
 				return err
@@ -99,7 +81,7 @@ within a second. Every open is written to the audit log.`,
 			}
 			defer dm.close()
 			d, key, al := dm.store, dm.key, dm.audit
-			opts := fusefs.Options{Store: d, Key: key, Audit: al, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: uint32(m)}
+			opts := fusefs.Options{Store: d, Key: key, Audit: al, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: m}
 			if ts != nil {
 				opts.Allow = func(t string) bool { return slices.Contains(ts, t) }
 			}
