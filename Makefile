@@ -21,7 +21,10 @@ build-static:
 image: build-static
 	$(GO) run ./internal/cmd/mkimage -binary $(BIN)/keyfs-static -tag $(IMAGE) -o $(BIN)/keyfs-image.tar
 
+# go mod tidy -diff fails, printing the change, when go.mod or go.sum is
+# not what tidy would write (a direct dependency marked indirect, say).
 lint:
+	$(GO) mod tidy -diff
 	$(GO) vet -tags $(TAGS) ./...
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi

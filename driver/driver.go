@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -40,7 +39,7 @@ type Config struct {
 	StateDir   string // required: volume records live in StateDir/volumes
 
 	Store *keystore.Dir       // required
-	Key   *keystore.MasterKey // may be set later with SetKey; Probe is not ready until then
+	Key   *keystore.MasterKey // required
 	Audit *audit.Logger       // nil: no audit trail
 	Log   *slog.Logger        // nil: slog.Default()
 	// Policy decides which tenants a pod may see; nil means the default
@@ -91,7 +90,7 @@ type Driver struct {
 	name, version, nodeID string
 	kubeletDir, stateDir  string
 	store                 *keystore.Dir
-	key                   atomic.Pointer[keystore.MasterKey]
+	key                   *keystore.MasterKey
 	audit                 *audit.Logger
 	log                   *slog.Logger
 	policy                *Policy
@@ -115,6 +114,9 @@ func New(c Config) (*Driver, error) {
 	}
 	if c.Store == nil {
 		return nil, errors.New("driver: a key store is required")
+	}
+	if c.Key == nil {
+		return nil, errors.New("driver: the master key is required")
 	}
 	if c.StateDir == "" {
 		return nil, errors.New("driver: a state directory is required")
@@ -141,7 +143,7 @@ func New(c Config) (*Driver, error) {
 	if err := os.MkdirAll(filepath.Join(c.StateDir, "volumes"), 0o700); err != nil {
 		return nil, fmt.Errorf("driver: state directory: %w", err)
 	}
-	m, err := newMetrics(c.Registry)
+	m, err := newMetrics(c.Registry, c.Policy)
 	if err != nil {
 		return nil, err
 	}
@@ -152,6 +154,7 @@ func New(c Config) (*Driver, error) {
 		kubeletDir: filepath.Clean(c.KubeletDir),
 		stateDir:   c.StateDir,
 		store:      c.Store,
+		key:        c.Key,
 		audit:      c.Audit,
 		log:        c.Log,
 		policy:     c.Policy,
@@ -161,16 +164,9 @@ func New(c Config) (*Driver, error) {
 		vols:       map[string]*volume{},
 		targets:    map[string]string{},
 	}
-	if c.Key != nil {
-		d.key.Store(c.Key)
-	}
 	d.unsub = c.Policy.subscribe(d.Refresh)
 	return d, nil
 }
-
-// SetKey gives the driver its master key, for a daemon that starts serving
-// before the TPM has unsealed it.
-func (d *Driver) SetKey(k *keystore.MasterKey) { d.key.Store(k) }
 
 // Refresh makes every mount re-evaluate its grants now; the driver calls
 // it itself when its Policy changes.
@@ -205,7 +201,7 @@ func (d *Driver) Close() {
 	for _, v := range d.volumes() {
 		wg.Go(func() {
 			if err := d.unmountView(v); err != nil {
-				d.log.Error("keyfs: cannot unmount on shutdown", "volume", v.rec.VolumeID, "target", v.rec.Target, "err", err)
+				d.log.Error("cannot unmount on shutdown", "volume", v.rec.VolumeID, "target", v.rec.Target, "err", err)
 			}
 		})
 	}
@@ -228,14 +224,13 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 	return &csi.GetPluginCapabilitiesResponse{}, nil
 }
 
-// Probe is ready once the master key is loaded and the store can be listed.
+// Probe is ready while the store can be listed (a driver always holds its
+// master key: New requires it).
 func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
-	ready := d.key.Load() != nil
-	if ready {
-		if _, err := d.store.Tenants(); err != nil {
-			d.log.Warn("keyfs: probe: store unreadable", "err", err)
-			ready = false
-		}
+	ready := true
+	if _, err := d.store.Tenants(); err != nil {
+		d.log.Warn("probe: store unreadable", "err", err)
+		ready = false
 	}
 	return &csi.ProbeResponse{Ready: wrapperspb.Bool(ready)}, nil
 }

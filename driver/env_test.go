@@ -80,7 +80,6 @@ func newEnv(t *testing.T, c envConfig) *env {
 	if e.policy, err = LoadPolicy(e.policyPath, c.rule); err != nil {
 		t.Fatal(err)
 	}
-	e.policy.Log = testLogger(t)
 	al, err := audit.Open(e.auditPath, audit.DefaultMaxBytes)
 	if err != nil {
 		t.Fatal(err)
@@ -97,7 +96,7 @@ func newEnv(t *testing.T, c envConfig) *env {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	watched := make(chan struct{})
-	go func() { e.policy.Watch(ctx, 50*time.Millisecond, nil); close(watched) }()
+	go func() { e.policy.Watch(ctx, 50*time.Millisecond, testLogger(t), nil); close(watched) }()
 	served := make(chan error, 1)
 	go func() { served <- e.drv.Serve(ctx, "unix://"+e.sock) }()
 	t.Cleanup(func() {

@@ -34,7 +34,7 @@ func (d *Driver) Serve(ctx context.Context, endpoint string) error {
 	s := grpc.NewServer(grpc.UnaryInterceptor(d.interceptor))
 	csi.RegisterIdentityServer(s, d)
 	csi.RegisterNodeServer(s, d)
-	d.log.Info("keyfs: CSI driver serving", "name", d.name, "endpoint", path, "node", d.nodeID)
+	d.log.Info("CSI driver serving", "driver", d.name, "endpoint", path, "node", d.nodeID)
 	return serveUntil(ctx, s, l)
 }
 
@@ -109,7 +109,7 @@ func (d *Driver) interceptor(ctx context.Context, req any, info *grpc.UnaryServe
 	defer func() {
 		if p := recover(); p != nil {
 			d.m.errors.WithLabelValues("panic").Inc()
-			d.log.Error("keyfs: panic in CSI handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
+			d.log.Error("panic in CSI handler", "method", info.FullMethod, "panic", fmt.Sprint(p), "stack", string(debug.Stack()))
 			resp, err = nil, status.Errorf(codes.Internal, "internal error in %s (logged by the keyfs daemon)", info.FullMethod)
 		}
 		level := slog.LevelInfo
@@ -121,7 +121,7 @@ func (d *Driver) interceptor(ctx context.Context, req any, info *grpc.UnaryServe
 			level = max(level, slog.LevelWarn)
 			attrs = append(attrs, "code", status.Code(err).String(), "err", status.Convert(err).Message())
 		}
-		d.log.Log(ctx, level, "keyfs: CSI call", attrs...)
+		d.log.Log(ctx, level, "CSI call", attrs...)
 	}()
 	return h(ctx, req)
 }

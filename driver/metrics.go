@@ -2,10 +2,12 @@ package driver
 
 import (
 	"errors"
-	"syscall"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyfs/keyfs/keystore"
 )
 
 type metrics struct {
@@ -16,7 +18,7 @@ type metrics struct {
 	mounted                prometheus.Gauge
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, pol *Policy) (*metrics, error) {
 	m := &metrics{
 		publishes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "keyfs_csi_publishes_total", Help: "Volumes published (NodePublishVolume that mounted a view).",
@@ -45,8 +47,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "keyfs_csi_mounted_volumes", Help: "Volumes currently mounted by this daemon.",
 		}),
 	}
+	reloads := func(result string, n *atomic.Uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "keyfs_policy_reloads_total", Help: "Policy file changes seen: applied, or rejected (the last good policy stays).",
+			ConstLabels: prometheus.Labels{"result": result},
+		}, func() float64 { return float64(n.Load()) })
+	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.publishes, m.unpublishes, m.errors, m.denials, m.reads, m.decryptErrors, m.readSeconds, m.mounted} {
+		for _, c := range []prometheus.Collector{m.publishes, m.unpublishes, m.errors, m.denials, m.reads, m.decryptErrors, m.readSeconds, m.mounted,
+			reloads("applied", &pol.applied), reloads("rejected", &pol.rejected)} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -55,15 +64,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-// onRead is the fusefs OnRead hook. EIO is what fusefs returns when a
-// record cannot be read or opened; ENOENT (a key removed meanwhile) is not
-// a decrypt error.
+// onRead is the fusefs OnRead hook. A key removed meanwhile
+// (keystore.ErrNotFound) is not a decrypt error; anything else that kept
+// a record from opening is.
 func (m *metrics) onRead(tenant string, d time.Duration, err error) {
 	m.readSeconds.Observe(d.Seconds())
 	switch {
 	case err == nil:
 		m.reads.WithLabelValues(tenant).Inc()
-	case errors.Is(err, syscall.EIO):
+	case !errors.Is(err, keystore.ErrNotFound):
 		m.decryptErrors.WithLabelValues(tenant).Inc()
 	}
 }

@@ -46,8 +46,9 @@ const (
 type Policy struct {
 	path string
 	rule string
-	// Log receives reload messages; set it before Watch.
-	Log *slog.Logger
+
+	// Outcomes of reloads that saw new content, for metrics and tests.
+	applied, rejected atomic.Uint64
 
 	cur      atomic.Pointer[grants]
 	reloadMu sync.Mutex
@@ -194,29 +195,27 @@ func (p *Policy) Reload() (changed bool, err error) {
 	g, err := parsePolicy(b)
 	if err != nil {
 		p.last = b // report a bad file once, not every tick
+		p.rejected.Add(1)
 		return false, fmt.Errorf("policy %s: %w; keeping the last good policy", p.path, err)
 	}
 	p.last = b
 	p.cur.Store(&g)
 	p.notify()
+	p.applied.Add(1)
 	return true, nil
 }
 
 // Watch polls the policy file every interval (1s when 0) until ctx ends,
 // reloading it when its content changes and then calling onChange (may be
-// nil) after the drivers using p have refreshed their mounts. Polling
-// content rather than watching inotify follows ConfigMap symlink swaps.
-// Run one Watch per Policy.
-func (p *Policy) Watch(ctx context.Context, interval time.Duration, onChange func()) {
+// nil) after the drivers using p have refreshed their mounts; log gets one
+// line per reload or per new problem. Polling content rather than watching
+// inotify follows ConfigMap symlink swaps. Run one Watch per Policy.
+func (p *Policy) Watch(ctx context.Context, interval time.Duration, log *slog.Logger, onChange func()) {
 	if p.path == "" {
 		return
 	}
 	if interval <= 0 {
 		interval = time.Second
-	}
-	log := p.Log
-	if log == nil {
-		log = slog.Default()
 	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -230,14 +229,14 @@ func (p *Policy) Watch(ctx context.Context, interval time.Duration, onChange fun
 		changed, err := p.Reload()
 		if err != nil {
 			if err.Error() != lastErr { // once per problem, not per tick
-				log.Error("keyfs: policy not reloaded", "path", p.path, "err", err)
+				log.Error("policy not reloaded", "path", p.path, "err", err)
 			}
 			lastErr = err.Error()
 			continue
 		}
 		lastErr = ""
 		if changed {
-			log.Info("keyfs: policy reloaded", "path", p.path, "tenants", p.tenants())
+			log.Info("policy reloaded", "path", p.path, "tenants", p.tenants())
 			if onChange != nil {
 				onChange()
 			}

@@ -51,10 +51,6 @@ func (d *Driver) NodePublishVolume(ctx context.Context, r *csi.NodePublishVolume
 	if taken && owner != req.volumeID {
 		return nil, d.fail("target_in_use", codes.FailedPrecondition, "target %s is already published for volume %s", req.target, owner)
 	}
-	if d.key.Load() == nil {
-		return nil, d.fail("not_ready", codes.Unavailable, "keyfs has no master key yet (the TPM has not unsealed it): try again")
-	}
-
 	tenants := req.params.Tenants
 	if req.params.All {
 		tenants = nil // "*": whatever is granted, evaluated live
@@ -66,7 +62,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, r *csi.NodePublishVolume
 		ev := podEvent("deny", req.pod, req.volumeID)
 		ev.Tenant, ev.Reason = de.Tenant, err.Error()
 		d.audit.Log(ev)
-		d.log.Warn("keyfs: publish denied", "volume", req.volumeID, "namespace", req.pod.Namespace, "pod", req.pod.Name, "service_account", req.pod.ServiceAccount, "tenant", de.Tenant)
+		d.log.Warn("publish denied", "volume", req.volumeID, "namespace", req.pod.Namespace, "pod", req.pod.Name, "service_account", req.pod.ServiceAccount, "tenant", de.Tenant)
 		return nil, pdenied(err)
 	}
 
@@ -131,7 +127,7 @@ func (d *Driver) mountVolume(rec volumeRecord, params volumeParams, create bool)
 	if err := d.writeRecord(rec); err != nil {
 		// Unrecorded, the mount would be lost on restart: undo it.
 		if uerr := d.unmountView(v); uerr != nil {
-			d.log.Error("keyfs: cannot undo mount", "target", rec.Target, "err", uerr)
+			d.log.Error("cannot undo mount", "target", rec.Target, "err", uerr)
 		}
 		return fmt.Errorf("record volume %s: %w", rec.VolumeID, err)
 	}
@@ -152,7 +148,7 @@ func (d *Driver) mountOptions(rec volumeRecord, params volumeParams) fusefs.Opti
 	policy := d.policy
 	return fusefs.Options{
 		Store: d.store,
-		Key:   d.key.Load(),
+		Key:   d.key,
 		Audit: d.audit,
 		Log:   d.log,
 		// Re-checked on every lookup and poll, so a revoked grant hides
@@ -269,7 +265,14 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, r *csi.NodeUnpublishVo
 		return nil, d.fail("not_found", codes.NotFound, "volume %s is not published at %s (volume %s is)", id, target, owner)
 	}
 
+	// The record on disk covers a volume this run has not mounted (a
+	// restart that could not restore it); read it once.
+	rec, recErr := d.readRecord(d.recordPath(id))
+	ours := recErr == nil && rec.Target == target
 	pod := podIdentity{}
+	if ours {
+		pod = rec.Pod
+	}
 	if v != nil {
 		pod = v.rec.Pod
 		if err := d.unmountView(v); err != nil {
@@ -280,9 +283,6 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, r *csi.NodeUnpublishVo
 		d.mu.Unlock()
 		d.m.mounted.Dec()
 	} else {
-		if rec, err := d.readRecord(d.recordPath(id)); err == nil && rec.Target == target {
-			pod = rec.Pod
-		}
 		if err := detachLeftover(target); err != nil {
 			return nil, d.fail("unmount", codes.Internal, "%v", err)
 		}
@@ -290,7 +290,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, r *csi.NodeUnpublishVo
 	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, d.fail("remove_target", codes.Internal, "remove target: %v", err)
 	}
-	if rec, err := d.readRecord(d.recordPath(id)); err == nil && rec.Target == target {
+	if ours {
 		if err := d.removeRecord(id); err != nil {
 			return nil, d.fail("state", codes.Internal, "remove volume record: %v", err)
 		}
@@ -314,7 +314,7 @@ func (d *Driver) unmountView(v *volume) error {
 		if derr := unix.Unmount(v.rec.Target, unix.MNT_DETACH); derr != nil && !errors.Is(derr, syscall.EINVAL) {
 			return fmt.Errorf("unmount %s: %v; detach: %w", v.rec.Target, err, derr)
 		}
-		d.log.Warn("keyfs: target busy, detached lazily", "target", v.rec.Target, "err", err)
+		d.log.Warn("target busy, detached lazily", "target", v.rec.Target, "err", err)
 		go v.srv.Wait()
 	}
 	v.closed = true

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/keyfs/keyfs/internal/syncbuf"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	reg "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
@@ -23,10 +26,11 @@ func TestRegistration(t *testing.T) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	csiSock := "/var/lib/kubelet/plugins/keyfs.csi.dev/csi.sock"
-	r := &Registrar{Endpoint: "unix://" + csiSock, Log: testLogger(t)}
+	var logs syncbuf.Buffer
+	log := slog.New(slog.NewJSONHandler(&logs, nil))
 	ctx, cancel := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- r.Serve(ctx, dir) }()
+	go func() { served <- ServeRegistration(ctx, dir, "unix://"+csiSock, log) }()
 	defer func() {
 		cancel()
 		if err := <-served; err != nil {
@@ -53,20 +57,20 @@ func TestRegistration(t *testing.T) {
 		len(info.SupportedVersions) != 1 || info.SupportedVersions[0] != "1.0.0" {
 		t.Errorf("GetInfo = %+v", info)
 	}
-	if _, _, ok := r.Status(); ok {
-		t.Error("status recorded before kubelet sent one")
+	if strings.Contains(logs.String(), "registered with kubelet") {
+		t.Error("registration logged before kubelet sent a verdict")
 	}
 	if _, err := c.NotifyRegistrationStatus(ctx, &reg.RegistrationStatus{PluginRegistered: true}); err != nil {
 		t.Fatal(err)
 	}
-	if ok, msg, got := r.Status(); !got || !ok || msg != "" {
-		t.Errorf("Status = %v %q %v, want registered", ok, msg, got)
+	if !strings.Contains(logs.String(), `"level":"INFO","msg":"registered with kubelet"`) {
+		t.Errorf("kubelet's acceptance not logged:\n%s", logs.String())
 	}
 	if _, err := c.NotifyRegistrationStatus(ctx, &reg.RegistrationStatus{PluginRegistered: false, Error: "version mismatch"}); err != nil {
 		t.Fatal(err)
 	}
-	if ok, msg, _ := r.Status(); ok || msg != "version mismatch" {
-		t.Errorf("Status = %v %q, want the refusal recorded", ok, msg)
+	if !strings.Contains(logs.String(), `"level":"ERROR","msg":"kubelet refused registration","err":"version mismatch"`) {
+		t.Errorf("kubelet's refusal not logged with its reason:\n%s", logs.String())
 	}
 
 	cancel()

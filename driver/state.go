@@ -65,9 +65,6 @@ func (d *Driver) removeRecord(volumeID string) error {
 // away meanwhile) is dropped. Errors for single volumes are logged and
 // returned together; the other volumes are restored regardless.
 func (d *Driver) Restore() error {
-	if d.key.Load() == nil {
-		return errors.New("driver: restore needs the master key")
-	}
 	des, err := os.ReadDir(filepath.Join(d.stateDir, "volumes"))
 	if err != nil {
 		return fmt.Errorf("driver: restore: %w", err)
@@ -81,19 +78,19 @@ func (d *Driver) Restore() error {
 		path := filepath.Join(d.stateDir, "volumes", de.Name())
 		rec, err := d.readRecord(path)
 		if err != nil {
-			d.log.Error("keyfs: restore: unreadable volume record, skipped", "path", path, "err", err)
+			d.log.Error("restore: unreadable volume record, skipped", "path", path, "err", err)
 			errs = append(errs, err)
 			continue
 		}
 		if err := d.restoreOne(rec); err != nil {
-			d.log.Error("keyfs: restore failed", "volume", rec.VolumeID, "target", rec.Target, "err", err)
+			d.log.Error("restore failed", "volume", rec.VolumeID, "target", rec.Target, "err", err)
 			errs = append(errs, fmt.Errorf("restore volume %s at %s: %w", rec.VolumeID, rec.Target, err))
 			continue
 		}
 		n++
 	}
 	if n > 0 {
-		d.log.Info("keyfs: volumes restored", "count", n)
+		d.log.Info("volumes restored", "count", n)
 	}
 	return errors.Join(errs...)
 }
@@ -122,7 +119,7 @@ func (d *Driver) restoreOne(rec volumeRecord) error {
 	err = d.mountVolume(rec, params, false)
 	if errors.Is(err, errTargetGone) {
 		d.release(rec.Target, rec.VolumeID)
-		d.log.Info("keyfs: restore: target gone, record dropped", "volume", rec.VolumeID, "target", rec.Target)
+		d.log.Info("restore: target gone, record dropped", "volume", rec.VolumeID, "target", rec.Target)
 		return d.removeRecord(rec.VolumeID)
 	}
 	if err != nil {

@@ -38,7 +38,7 @@ type Options struct {
 	Keys []string
 
 	UID, GID uint32
-	FileMode uint32 // permission bits of key files; 0 means 0444
+	FileMode uint32 // read bits of key files (ParseFileMode's rule); 0 means 0444
 
 	// Pod identifies the pod this mount serves; its pod fields are
 	// stamped on every audit event. With PodUID empty the caller's pod is
@@ -48,7 +48,9 @@ type Options struct {
 	PollInterval time.Duration // 0 means 200ms
 
 	// OnRead, when set, is called after every open of a key with the time
-	// it took and its error, for metrics.
+	// it took and its outcome, for metrics: nil, an error wrapping
+	// keystore.ErrNotFound (the key is gone from the view), or what kept
+	// the record from being read or opened (keystore.ErrIntegrity, ...).
 	OnRead func(tenant string, d time.Duration, err error)
 
 	debugLog *log.Logger // tests: trace FUSE traffic
@@ -92,8 +94,11 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	if o.Store == nil || o.Key == nil {
 		return nil, errors.New("fusefs: Options.Store and Options.Key are required")
 	}
-	if o.FileMode &= 0o777; o.FileMode == 0 {
+	if o.FileMode == 0 {
 		o.FileMode = 0o444
+	}
+	if err := checkFileMode(o.FileMode); err != nil {
+		return nil, fmt.Errorf("fusefs: %w", err)
 	}
 	if o.PollInterval <= 0 {
 		o.PollInterval = 200 * time.Millisecond
@@ -188,7 +193,7 @@ func (s *Server) Unmount() error {
 				return err
 			}
 		case <-time.After(unmountWait):
-			s.log.Warn("keyfs: unmounted, but another mount namespace still holds the view; it ends with this process")
+			s.log.Warn("unmounted, but another mount namespace still holds the view; it ends with this process")
 		}
 	}
 	s.stopPolling()
@@ -242,11 +247,11 @@ func (s *Server) refresh(force bool) {
 	old := s.snap.Load()
 	gen, err := s.o.Store.Gen()
 	if err != nil {
-		s.log.Warn("keyfs: cannot read store generation", "err", err)
+		s.log.Warn("cannot read store generation", "err", err)
 	} else if force || gen != s.gen {
 		snap, err := s.scan(old)
 		if err != nil {
-			s.log.Warn("keyfs: cannot rescan store", "err", err)
+			s.log.Warn("cannot rescan store", "err", err)
 		} else {
 			s.gen = gen
 			s.snap.Store(snap)
@@ -353,15 +358,24 @@ func closeOnExecFUSE() {
 // only, and at least one of them.
 func ParseFileMode(s string) (uint32, error) {
 	m, err := strconv.ParseUint(s, 8, 32)
-	switch {
-	case err != nil:
+	if err != nil {
 		return 0, fmt.Errorf("mode %q: want an octal mode such as 0440", s)
-	case m > 0o777:
-		return 0, fmt.Errorf("mode %q is out of range: want 0400..0444 (octal)", s)
-	case m&^0o444 != 0:
-		return 0, fmt.Errorf("mode %q has write or execute bits: keyfs files are read-only, use read bits only (0444, 0440, 0400)", s)
-	case m == 0:
-		return 0, fmt.Errorf("mode %q lets nobody read: use 0400, 0440 or 0444", s)
+	}
+	if err := checkFileMode(uint32(m)); err != nil {
+		return 0, err
 	}
 	return uint32(m), nil
+}
+
+// checkFileMode is the one rule for a view's file mode.
+func checkFileMode(m uint32) error {
+	switch {
+	case m > 0o777:
+		return fmt.Errorf("mode %04o is out of range: want 0400..0444 (octal)", m)
+	case m&^0o444 != 0:
+		return fmt.Errorf("mode %04o has write or execute bits: keyfs files are read-only, use read bits only (0444, 0440, 0400)", m)
+	case m == 0:
+		return fmt.Errorf("mode %04o lets nobody read: use 0400, 0440 or 0444", m)
+	}
+	return nil
 }

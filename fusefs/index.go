@@ -77,7 +77,7 @@ func (s *Server) scan(old *snapshot) (*snapshot, error) {
 			if prev == nil {
 				return nil, err
 			}
-			s.log.Warn("keyfs: cannot list tenant; keeping what was listed before", "tenant", name, "err", err)
+			s.log.Warn("cannot list tenant; keeping what was listed before", "tenant", name, "err", err)
 			t = prev
 		}
 		snap.tenants[name] = t

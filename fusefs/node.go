@@ -3,6 +3,7 @@ package fusefs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -152,26 +153,27 @@ func (k *keyNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 		return nil, 0, syscall.EROFS
 	}
 	start := time.Now()
-	h, errno := k.open(ctx)
+	h, err := k.open(ctx)
 	if k.s.o.OnRead != nil {
-		var err error
-		if errno != 0 {
-			err = errno
-		}
 		k.s.o.OnRead(k.tenant, time.Since(start), err)
 	}
-	if errno != 0 {
-		return nil, 0, errno
+	if errors.Is(err, keystore.ErrNotFound) {
+		return nil, 0, syscall.ENOENT // removed meanwhile
+	}
+	if err != nil {
+		return nil, 0, syscall.EIO
 	}
 	// NOFLUSH: close needs no round trip; DIRECT_IO: no page cache.
 	return h, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_NOFLUSH, 0
 }
 
-func (k *keyNode) open(ctx context.Context) (*handle, syscall.Errno) {
+// open returns the handle, or why not: keystore.ErrNotFound for a key
+// this view no longer shows, else what kept the record from opening.
+func (k *keyNode) open(ctx context.Context) (*handle, error) {
 	s := k.s
 	v := s.visibleTenant(k.tenant).lookup(k.name)
 	if v == nil {
-		return nil, syscall.ENOENT
+		return nil, fmt.Errorf("%s/%s: %w", k.tenant, k.name, keystore.ErrNotFound)
 	}
 	rec, err := s.record(v)
 	// A rotation pruned the version the snapshot names: take the newest.
@@ -184,7 +186,7 @@ func (k *keyNode) open(ctx context.Context) (*handle, syscall.Errno) {
 		rec, err = s.record(v)
 	}
 	if errors.Is(err, keystore.ErrNotFound) {
-		return nil, syscall.ENOENT // removed meanwhile
+		return nil, err // removed meanwhile
 	}
 	ev := s.event(ctx, k.tenant, k.name, v.Version)
 	var pt []byte
@@ -194,11 +196,11 @@ func (k *keyNode) open(ctx context.Context) (*handle, syscall.Errno) {
 	if err != nil {
 		ev.Event, ev.Reason = "error", err.Error()
 		s.o.Audit.Log(ev)
-		s.log.Error("keyfs: cannot open key", "tenant", k.tenant, "key", k.name, "version", v.Version, "pid", ev.PID, "err", err)
-		return nil, syscall.EIO
+		s.log.Error("cannot open key", "tenant", k.tenant, "key", k.name, "version", v.Version, "pid", ev.PID, "err", err)
+		return nil, err
 	}
 	s.o.Audit.Log(ev)
-	return &handle{v: v, rec: rec, pt: pt, key: s.o.Key}, 0
+	return &handle{v: v, rec: rec, pt: pt, key: s.o.Key}, nil
 }
 
 // event is an audit event for the caller of ctx.

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -32,8 +33,11 @@ type header struct{ key, value string }
 
 const armorVersion = "v1"
 
-// headerText is the canonical first line and headers; records use it as
-// AEAD additional data, so every header byte is authenticated.
+const bodyColumns = 64
+
+// headerText is the first line and headers; records use it as AEAD
+// additional data. Since a record is accepted only in its canonical form
+// (parseArmor, sameHeaders), every header byte on disk is authenticated.
 func (a *armor) headerText() []byte {
 	var b bytes.Buffer
 	fmt.Fprintf(&b, "keyfs-%s %s\n", a.kind, armorVersion)
@@ -47,10 +51,10 @@ func (a *armor) marshal() []byte {
 	b := bytes.NewBuffer(a.headerText())
 	b.WriteByte('\n')
 	enc := base64.StdEncoding.EncodeToString(a.body)
-	for len(enc) > 64 {
-		b.WriteString(enc[:64])
+	for len(enc) > bodyColumns {
+		b.WriteString(enc[:bodyColumns])
 		b.WriteByte('\n')
-		enc = enc[64:]
+		enc = enc[bodyColumns:]
 	}
 	if enc != "" {
 		b.WriteString(enc)
@@ -60,21 +64,33 @@ func (a *armor) marshal() []byte {
 	return b.Bytes()
 }
 
+// ErrNotCanonical marks an armor that is not byte for byte what keyfs writes
+// (CRLF line ends, other base64 line lengths, a header such as "version:
+// 007"). It always comes with ErrIntegrity: one value has one text, so
+// what is authenticated is exactly what is on disk.
+var ErrNotCanonical = errors.New("not in canonical form")
+
 // parseArmor reads an armor of the given kind whose headers are exactly keys,
-// in order. CRLF line ends are accepted (Git on Windows).
+// in order, in the exact form marshal writes: LF line ends, one trailing
+// newline, base64 in full 64-column lines. Callers check that each header
+// value is the canonical text of what it means (sameHeaders).
 func parseArmor(data []byte, kind string, keys ...string) (*armor, error) {
-	text := strings.ReplaceAll(string(data), "\r\n", "\n")
-	lines := strings.Split(strings.TrimRight(text, "\n"), "\n")
+	text := string(data)
+	lines := strings.Split(strings.TrimSuffix(text, "\n"), "\n")
 	first := fmt.Sprintf("keyfs-%s %s", kind, armorVersion)
-	if len(lines) == 0 || lines[0] != first {
-		got := ""
-		if len(lines) > 0 {
-			got = lines[0]
+	if lines[0] != first {
+		if lines[0] == first+"\r" {
+			return nil, notCanonical(kind, 1, "has a CRLF line end; keyfs writes LF only (convert with dos2unix, or mark the file `-text` in .gitattributes)")
 		}
-		if v, ok := strings.CutPrefix(got, "keyfs-"+kind+" v"); ok && len(v) < 4 {
+		if v, ok := strings.CutPrefix(lines[0], "keyfs-"+kind+" v"); ok && len(v) < 4 {
 			return nil, fmt.Errorf("%w: keyfs %s format v%s is not supported; this keyfs reads %s: upgrade keyfs", ErrIntegrity, kind, v, armorVersion)
 		}
 		return nil, fmt.Errorf("%w: not a keyfs %s: the first line must be %q", ErrIntegrity, kind, first)
+	}
+	for i, l := range lines {
+		if strings.HasSuffix(l, "\r") {
+			return nil, notCanonical(kind, i+1, "has a CRLF line end; keyfs writes LF only (convert with dos2unix, or mark the file `-text` in .gitattributes)")
+		}
 	}
 	a := &armor{kind: kind}
 	i := 1
@@ -86,6 +102,9 @@ func parseArmor(data []byte, kind string, keys ...string) (*armor, error) {
 		if !ok || hk != k {
 			return nil, fmt.Errorf("%w: keyfs %s line %d: want the %q header", ErrIntegrity, kind, i+1, k)
 		}
+		if hv == "" || strings.TrimSpace(hv) != hv {
+			return nil, notCanonical(kind, i+1, fmt.Sprintf("the %q value is empty or has extra spaces", k))
+		}
 		// Clone: a substring would pin the whole file text in memory.
 		a.headers = append(a.headers, header{hk, strings.Clone(hv)})
 		i++
@@ -95,15 +114,51 @@ func parseArmor(data []byte, kind string, keys ...string) (*armor, error) {
 	}
 	i++
 	last := "end keyfs-" + kind
-	if lines[len(lines)-1] != last {
+	end := slices.Index(lines[i:], last)
+	if end < 0 {
 		return nil, fmt.Errorf("%w: keyfs %s is truncated: no %q line at the end", ErrIntegrity, kind, last)
 	}
-	body, err := base64.StdEncoding.DecodeString(strings.Join(lines[i:len(lines)-1], ""))
+	end += i
+	if end != len(lines)-1 || !strings.HasSuffix(text, "\n") {
+		return nil, notCanonical(kind, end+1, fmt.Sprintf("the %q line must end the text with exactly one newline", last))
+	}
+	body := lines[i:end]
+	for j, l := range body {
+		if len(l) != bodyColumns && (j < len(body)-1 || len(l) == 0 || len(l) > bodyColumns) {
+			return nil, notCanonical(kind, i+j+1, fmt.Sprintf("base64 lines are %d columns, only the last may be shorter", bodyColumns))
+		}
+	}
+	b, err := base64.StdEncoding.Strict().DecodeString(strings.Join(body, ""))
 	if err != nil {
 		return nil, fmt.Errorf("%w: keyfs %s body is not valid base64: %w", ErrIntegrity, kind, err)
 	}
-	a.body = body
+	a.body = b
+	// Belt and braces: whatever the checks above missed, the text must be
+	// exactly what marshal writes for what was read.
+	if !bytes.Equal(a.marshal(), data) {
+		return nil, fmt.Errorf("%w: %w: keyfs %s is not byte for byte what keyfs writes", ErrIntegrity, ErrNotCanonical, kind)
+	}
 	return a, nil
+}
+
+func notCanonical(kind string, line int, why string) error {
+	return fmt.Errorf("%w: %w: keyfs %s line %d %s", ErrIntegrity, ErrNotCanonical, kind, line, why)
+}
+
+// sameHeaders checks that a parsed armor's header values are the canonical
+// text of what they were parsed into: want is the armor re-built from the
+// parsed fields.
+func (a *armor) sameHeaders(want *armor) error {
+	for i, h := range a.headers {
+		if i >= len(want.headers) || want.headers[i] != h {
+			w := ""
+			if i < len(want.headers) {
+				w = want.headers[i].value
+			}
+			return notCanonical(a.kind, i+2, fmt.Sprintf("%s %q is not canonical: keyfs writes %q", h.key, h.value, w))
+		}
+	}
+	return nil
 }
 
 func (a *armor) get(key string) string {

@@ -168,7 +168,21 @@ func TestBadRecords(t *testing.T) {
 		{"truncated", "truncated", text[:len(text)/2], ErrIntegrity},
 		{"truncated-body", "too short", append(bytes.Clone(text[:bytes.Index(text, []byte("\n\n"))+2]), []byte("QUJD\nend keyfs-record\n")...), ErrIntegrity},
 		{"future-format", "not supported", bytes.Replace(text, []byte("record v1"), []byte("record v2"), 1), ErrIntegrity},
-		{"bad-version", "positive integer", bytes.Replace(text, []byte("version: 5"), []byte("version: x"), 1), ErrIntegrity},
+		{"bad-version", "line 5: version must be a positive", bytes.Replace(text, []byte("version: 5"), []byte("version: x"), 1), ErrIntegrity},
+		{"signed-version", "line 5: version must be a positive", bytes.Replace(text, []byte("version: 5"), []byte("version: +5"), 1), ErrIntegrity},
+		// Not canonical: each would mean the same record in another text.
+		{"zero-padded-version", `line 5 version "005" is not canonical: keyfs writes "5"`, bytes.Replace(text, []byte("version: 5"), []byte("version: 005"), 1), ErrNotCanonical},
+		{"spaced-version", `line 5 the "version" value is empty or has extra spaces`, bytes.Replace(text, []byte("version: 5"), []byte("version:  5"), 1), ErrNotCanonical},
+		{"created-offset", "line 6 created", replaceCreated(text, func(c time.Time) string { return c.Format("2006-01-02T15:04:05+00:00") }), ErrNotCanonical},
+		{"created-fraction", "line 6 created", replaceCreated(text, func(c time.Time) string { return c.Format("2006-01-02T15:04:05.000Z") }), ErrNotCanonical},
+		{"upper-kid", "line 2: kid must be 16 lowercase hex", bytes.Replace(text, []byte("kid: "+m.KID()), []byte("kid: "+strings.ToUpper(m.KID())), 1), ErrIntegrity},
+		{"crlf", "line 1 has a CRLF line end", bytes.ReplaceAll(text, []byte("\n"), []byte("\r\n")), ErrNotCanonical},
+		{"crlf-one-line", "line 9 has a CRLF line end", crlfLine(text, 9), ErrNotCanonical},
+		{"rewrapped-body", "base64 lines are 64 columns", rewrap(text, 76), ErrNotCanonical},
+		{"no-final-newline", "exactly one newline", bytes.TrimSuffix(text, []byte("\n")), ErrNotCanonical},
+		{"extra-final-newline", "exactly one newline", append(bytes.Clone(text), '\n'), ErrNotCanonical},
+		{"text-after-end", "exactly one newline", append(bytes.Clone(text), "trailing\n"...), ErrNotCanonical},
+		{"space-in-body", "not valid base64", spaceInBody(text), ErrIntegrity},
 	}
 	for _, c := range cases {
 		_, err := ParseRecord(c.data)
@@ -221,6 +235,47 @@ func TestBadRecords(t *testing.T) {
 	if _, err := d.Read(e); !errors.Is(err, ErrIntegrity) || !strings.Contains(err.Error(), "cannot be moved") {
 		t.Fatalf("moved file: %v", err)
 	}
+}
+
+// replaceCreated rewrites a record's created header with format(created).
+func replaceCreated(text []byte, format func(time.Time) string) []byte {
+	lines := strings.Split(string(text), "\n")
+	c, err := time.Parse(time.RFC3339, strings.TrimPrefix(lines[5], "created: "))
+	if err != nil {
+		panic(err)
+	}
+	lines[5] = "created: " + format(c)
+	return []byte(strings.Join(lines, "\n"))
+}
+
+// crlfLine gives line n (1-based) of text a CRLF end.
+func crlfLine(text []byte, n int) []byte {
+	lines := strings.Split(string(text), "\n")
+	lines[n-1] += "\r"
+	return []byte(strings.Join(lines, "\n"))
+}
+
+// rewrap re-flows an armor's base64 body to cols columns.
+func rewrap(text []byte, cols int) []byte {
+	s := string(text)
+	head := strings.Index(s, "\n\n") + 2
+	tail := strings.LastIndex(s, "end keyfs-")
+	b64 := strings.ReplaceAll(s[head:tail], "\n", "")
+	var out strings.Builder
+	out.WriteString(s[:head])
+	for len(b64) > cols {
+		out.WriteString(b64[:cols] + "\n")
+		b64 = b64[cols:]
+	}
+	out.WriteString(b64 + "\n" + s[tail:])
+	return []byte(out.String())
+}
+
+// spaceInBody puts a space into the first body line, keeping it 64 columns.
+func spaceInBody(text []byte) []byte {
+	out := bytes.Clone(text)
+	out[bytes.Index(out, []byte("\n\n"))+2+10] = ' '
+	return out
 }
 
 func snapshot(t *testing.T, root string) map[string]string {
@@ -315,6 +370,13 @@ func TestStoreVersions(t *testing.T) {
 	}
 	if _, err := d.Newest("acme", "openai"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("after rm --all-versions: %v", err)
+	}
+	// The tenant's last key went, and with it the tenant.
+	if ts, err := d.Tenants(); err != nil || len(ts) != 0 {
+		t.Fatalf("tenants after its last key was removed: %v %v", ts, err)
+	}
+	if _, err := os.Stat(filepath.Join(d.Root(), "acme")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("empty tenant directory left: %v", err)
 	}
 	if _, err := d.Remove("acme", "openai", true); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("rm missing: %v", err)

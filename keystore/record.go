@@ -135,8 +135,8 @@ func (r *Record) Marshal() []byte {
 // Size is the length of the value, known without decrypting.
 func (r *Record) Size() int { return len(r.ct) - tagSize }
 
-// ParseRecord reads a record's text form. It checks structure only; Open
-// authenticates.
+// ParseRecord reads a record's text form, accepted only byte for byte as
+// Marshal writes it. It checks structure only; Open authenticates.
 func ParseRecord(data []byte) (*Record, error) {
 	a, err := parseArmor(data, recordKind, "kid", "tenant", "name", "version", "created", "suite")
 	if err != nil {
@@ -144,19 +144,25 @@ func ParseRecord(data []byte) (*Record, error) {
 	}
 	r := &Record{KID: a.get("kid"), Tenant: a.get("tenant"), Name: a.get("name")}
 	if err := ValidTenant(r.Tenant); err != nil {
-		return nil, fmt.Errorf("%w: record header: %w", ErrIntegrity, err)
+		return nil, fmt.Errorf("%w: record line 3: %w", ErrIntegrity, err)
 	}
 	if err := ValidKeyName(r.Name); err != nil {
-		return nil, fmt.Errorf("%w: record header: %w", ErrIntegrity, err)
+		return nil, fmt.Errorf("%w: record line 4: %w", ErrIntegrity, err)
 	}
 	if r.Version, err = strconv.ParseUint(a.get("version"), 10, 64); err != nil || r.Version == 0 {
-		return nil, fmt.Errorf("%w: record header: version must be a positive integer", ErrIntegrity)
+		return nil, fmt.Errorf("%w: record line 5: version must be a positive decimal integer", ErrIntegrity)
 	}
 	if r.Created, err = time.Parse(time.RFC3339, a.get("created")); err != nil {
-		return nil, fmt.Errorf("%w: record header: created must be an RFC 3339 time", ErrIntegrity)
+		return nil, fmt.Errorf("%w: record line 6: created must be an RFC 3339 time", ErrIntegrity)
 	}
 	if s := a.get("suite"); s != Suite {
 		return nil, fmt.Errorf("%w: record suite %q is not supported (want %s)", ErrIntegrity, s, Suite)
+	}
+	if !validKID(r.KID) {
+		return nil, fmt.Errorf("%w: record line 2: kid must be 16 lowercase hex digits", ErrIntegrity)
+	}
+	if err := a.sameHeaders(r.armor()); err != nil {
+		return nil, err
 	}
 	if len(a.body) < encSize+tagSize+1 {
 		return nil, fmt.Errorf("%w: record body is %d bytes, too short to hold a value (truncated)", ErrIntegrity, len(a.body))
@@ -194,4 +200,16 @@ func (m *MasterKey) Open(r *Record, tenant, name string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %s/%s version %d does not authenticate: the record was tampered with, or its headers edited", ErrIntegrity, tenant, name, r.Version)
 	}
 	return v, nil
+}
+
+func validKID(s string) bool {
+	if len(s) != 16 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }

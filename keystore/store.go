@@ -60,7 +60,10 @@ func (d *Dir) Gen() (string, error) {
 	return string(b), err
 }
 
-// Tenants lists tenants holding at least one key, sorted.
+// Tenants lists the tenant directories, sorted. Remove deletes a tenant's
+// directory with its last key, so each holds at least one key, except one
+// left empty by a crash or an older keyfs: Keys lists nothing for it, and
+// neither ls nor a mount shows it.
 func (d *Dir) Tenants() ([]string, error) {
 	des, err := os.ReadDir(d.root)
 	if err != nil {
@@ -249,9 +252,32 @@ func (d *Dir) Remove(tenant, name string, all bool) ([]uint64, error) {
 		if err := syncDir(filepath.Join(d.root, tenant)); err != nil {
 			return err
 		}
+		if err := d.removeIfEmpty(tenant); err != nil {
+			return err
+		}
 		return d.bumpGen()
 	})
 	return removed, err
+}
+
+// removeIfEmpty deletes a tenant's directory once it holds no record, so
+// Tenants lists only tenants with keys. Called under the store lock.
+func (d *Dir) removeIfEmpty(tenant string) error {
+	dir := filepath.Join(d.root, tenant)
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("list %s: %w", tenant, err)
+	}
+	for _, de := range des {
+		if strings.HasSuffix(de.Name(), ".rec") {
+			return nil
+		}
+	}
+	// A crashed writer's temp file keeps it: ENOTEMPTY is fine.
+	if err := os.Remove(dir); err != nil && !errors.Is(err, syscall.ENOTEMPTY) && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("remove the empty tenant %s: %w", tenant, err)
+	}
+	return syncDir(d.root)
 }
 
 // write stores r durably: a crash at any point leaves the old set of

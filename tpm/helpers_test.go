@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/keyfs/keyfs/tpm/tpmtest"
 )
 
 // recorder keeps a copy of every command and response that crosses the transport.
@@ -46,11 +47,7 @@ func mustOpen(t testing.TB, spec string) *TPM {
 
 func handles(t testing.TB, tp *TPM) []uint32 {
 	t.Helper()
-	hs, err := tp.TransientHandles()
-	if err != nil {
-		t.Fatalf("TransientHandles: %v", err)
-	}
-	return hs
+	return tpmtest.TransientHandles(t, tp.tr)
 }
 
 // noLeaks fails the test if the TPM holds objects or sessions it did not hold before.

@@ -4,7 +4,6 @@ package tpm
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/google/go-tpm-tools/simulator"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -16,7 +15,6 @@ import (
 const simSeed = 0x6b657966 // "keyf"
 
 func openSimulator() (transport.TPMCloser, error) {
-	fmt.Fprintln(os.Stderr, "keyfs: WARNING: using the INSECURE in-process TPM simulator (fixed seed); for tests and demos only")
 	// One simulator per process: this blocks until a previous one is closed.
 	s, err := simulator.GetWithFixedSeedInsecure(simSeed)
 	if err != nil {

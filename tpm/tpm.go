@@ -7,12 +7,10 @@
 package tpm
 
 import (
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io/fs"
 	"net"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -34,9 +32,10 @@ const maxSecret = 128
 
 // TPM is an open TPM. It is safe for concurrent use; commands are serialized.
 type TPM struct {
-	mu     sync.Mutex
-	tr     transport.TPMCloser
-	closed bool
+	mu       sync.Mutex
+	tr       transport.TPMCloser
+	closed   bool
+	insecure bool
 }
 
 // Open opens a TPM by spec: a device path such as /dev/tpmrm0 (the default,
@@ -71,8 +70,13 @@ func open(spec string, timeout time.Duration) (*TPM, error) {
 		tr.Close()
 		return nil, err
 	}
+	t.insecure = spec == "sim"
 	return t, nil
 }
+
+// Insecure reports a TPM that protects nothing: the in-process simulator,
+// whose seeds are fixed. Callers must say so on every use.
+func (t *TPM) Insecure() bool { return t.insecure }
 
 func openSWTPM(addr string, timeout time.Duration) (transport.TPMCloser, error) {
 	if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -265,59 +269,6 @@ func (t *TPM) Unseal(b *Blob) (secret []byte, err error) {
 		return nil, classify("unseal", b.PCRs, err)
 	}
 	return rsp.OutData.Buffer, nil
-}
-
-// ExtendPCR extends the sha256 bank of pcr with sha256(data).
-func (t *TPM) ExtendPCR(pcr int, data []byte) error {
-	if err := checkPCRs([]int{pcr}); err != nil {
-		return err
-	}
-	if err := t.lock(); err != nil {
-		return err
-	}
-	defer t.mu.Unlock()
-	d := sha256.Sum256(data)
-	_, err := tpm2.PCRExtend{
-		PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
-		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{
-			{HashAlg: tpm2.TPMAlgSHA256, Digest: d[:]},
-		}},
-	}.Execute(t.tr)
-	return classify(fmt.Sprintf("extend PCR %d", pcr), nil, err)
-}
-
-// TransientHandles lists the transient objects and the loaded and saved
-// sessions the TPM holds (only this client's under a resource manager).
-// Tests compare it before and after an operation to find leaks.
-func (t *TPM) TransientHandles() ([]uint32, error) {
-	if err := t.lock(); err != nil {
-		return nil, err
-	}
-	defer t.mu.Unlock()
-	var out []uint32
-	for _, first := range []uint32{0x80000000, 0x02000000, 0x03000000} {
-		prop := first
-		for {
-			rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: prop, PropertyCount: 64}.Execute(t.tr)
-			if err != nil {
-				return nil, classify("get handles", nil, err)
-			}
-			hs, err := rsp.CapabilityData.Data.Handles()
-			if err != nil {
-				return nil, fmt.Errorf("tpm get handles: %w", err)
-			}
-			for _, h := range hs.Handle {
-				out = append(out, uint32(h))
-			}
-			if !rsp.MoreData || len(hs.Handle) == 0 {
-				break
-			}
-			// Loaded policy sessions come back as 0x03...; continue by index.
-			prop = first | (uint32(hs.Handle[len(hs.Handle)-1])&0xFFFFFF + 1)
-		}
-	}
-	slices.Sort(out)
-	return slices.Compact(out), nil
 }
 
 func (t *TPM) lock() error {

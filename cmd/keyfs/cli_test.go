@@ -8,12 +8,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
-	"github.com/keyfs/keyfs/tpm"
 	"github.com/keyfs/keyfs/tpm/tpmtest"
 )
 
@@ -83,30 +81,15 @@ func waitOrDump(t *testing.T, cmd *exec.Cmd, d time.Duration, stderr fmt.Stringe
 		return err
 	case <-time.After(d):
 		cmd.Process.Signal(syscall.SIGQUIT)
-		time.Sleep(2 * time.Second)
-		cmd.Process.Kill()
-		<-done
+		select { // a Go child dumps and exits at once; give others 2s
+		case <-done:
+		case <-time.After(2 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
 		t.Fatalf("%s did not exit within %v; its stderr:\n%s", strings.Join(cmd.Args, " "), d, stderr.String())
 		return nil
 	}
-}
-
-// lockedBuffer is a child's output that a test may read while it runs.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // must runs keyfs and fails the test unless it exits with want.
@@ -298,14 +281,9 @@ func TestCLISWTPM(t *testing.T) {
 	c.must(0, "", "verify")
 
 	// PCR 16 moves: unseal is refused, naming the PCR.
-	tp, err := tpm.Open(nodeA)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := tp.ExtendPCR(16, []byte("boot changed")); err != nil {
-		t.Fatal(err)
-	}
-	tp.Close()
+	tr := tpmtest.Dial(t, nodeA)
+	tpmtest.ExtendPCR(t, tr, 16, []byte("boot changed"))
+	tr.Close()
 	if r := c.must(exitTPM, "", "verify"); !strings.Contains(r.stderr, "PCRs 16") {
 		t.Fatalf("PCR failure does not name PCR 16: %s", r.stderr)
 	}

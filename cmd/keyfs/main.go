@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 
 	"github.com/keyfs/keyfs/keystore"
@@ -55,10 +56,14 @@ func exitCode(err error) int {
 var errNotRoot = errors.New("permission denied")
 
 func main() {
-	root := newRoot()
+	root, g := newRoot()
 	err := root.Execute()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "keyfs:", err)
+		if g.log != nil {
+			g.log.Error("stopped", "err", err)
+		} else {
+			fmt.Fprintln(os.Stderr, "keyfs:", err)
+		}
 	}
 	os.Exit(exitCode(err))
 }
@@ -68,6 +73,20 @@ type globals struct {
 	tpm    string
 	stdin  *os.File
 	stdout *os.File
+	// log is set by the daemons (serve, mount): every line they write,
+	// their final error included, goes through it. Other commands write
+	// plain "keyfs: ..." lines.
+	log *slog.Logger
+}
+
+// warn says something a user must not miss, through the daemon's log when
+// there is one.
+func (g *globals) warn(msg string) {
+	if g.log != nil {
+		g.log.Warn(msg)
+		return
+	}
+	fmt.Fprintln(os.Stderr, "keyfs: WARNING: "+msg)
 }
 
 func envOr(name, def string) string {
@@ -77,7 +96,7 @@ func envOr(name, def string) string {
 	return def
 }
 
-func newRoot() *cobra.Command {
+func newRoot() (*cobra.Command, *globals) {
 	g := &globals{stdin: os.Stdin, stdout: os.Stdout}
 	root := &cobra.Command{
 		Use:   "keyfs",
@@ -91,16 +110,15 @@ never from arguments, and are never printed or logged.`,
 		Version:       version(),
 	}
 	root.PersistentFlags().StringVar(&g.state, "state", envOr("KEYFS_STATE", "/var/lib/keyfs"), "state directory (env KEYFS_STATE)")
-	root.PersistentFlags().StringVar(&g.tpm, "tpm", envOr("KEYFS_TPM", "/dev/tpmrm0"), "TPM: a device path, swtpm:HOST:PORT, or sim (test builds only) (env KEYFS_TPM)")
+	root.PersistentFlags().StringVar(&g.tpm, "tpm", envOr("KEYFS_TPM", tpm.DefaultDevice), "TPM: a device path, swtpm:HOST:PORT, or sim (test builds only) (env KEYFS_TPM)")
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see %s --help)", err, c.CommandPath())}
 	})
 	root.AddCommand(
 		initCmd(g), pubkeyCmd(g), sealCmd(g), putCmd(g), importCmd(g), lsCmd(g), rmCmd(g), verifyCmd(g),
-		recoveryKeygenCmd(g), recoverCmd(g), auditCmd(g),
+		recoveryKeygenCmd(g), recoverCmd(g), auditCmd(g), mountCmd(g), serveCmd(g),
 	)
-	addPlatformCommands(root, g)
-	return root
+	return root, g
 }
 
 // args wraps a cobra argument rule so that its errors are usage errors.

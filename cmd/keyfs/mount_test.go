@@ -5,20 +5,22 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/keyfs/keyfs/internal/fusetest"
+	"github.com/keyfs/keyfs/internal/syncbuf"
 )
 
 // startMount runs `keyfs mount` and waits until wantFile reads.
-func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *lockedBuffer) {
+func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *syncbuf.Buffer) {
 	c.t.Helper()
 	cmd := exec.Command(keyfsBin, "mount", mnt)
 	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
-	stderr := &lockedBuffer{}
+	stderr := &syncbuf.Buffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		c.t.Fatal(err)
@@ -28,7 +30,7 @@ func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *lockedBuffer) {
 			cmd.Process.Kill()
 			waitOrDump(c.t, cmd, 30*time.Second, stderr)
 		}
-		if fusetest.Mounted(mnt) {
+		if fusetest.MustMounted(c.t, mnt) {
 			syscall.Unmount(mnt, syscall.MNT_DETACH)
 		}
 	})
@@ -59,7 +61,7 @@ func TestMountLifecycle(t *testing.T) {
 	if err := waitOrDump(t, cmd, 30*time.Second, stderr); err != nil {
 		t.Fatalf("keyfs mount after SIGTERM: %v", err)
 	}
-	if fusetest.Mounted(mnt) {
+	if fusetest.MustMounted(t, mnt) {
 		t.Fatal("mount left behind after SIGTERM")
 	}
 
@@ -79,7 +81,7 @@ func TestMountLifecycle(t *testing.T) {
 	if err := waitOrDump(t, cmd, 30*time.Second, stderr); err != nil {
 		t.Fatal(err)
 	}
-	if fusetest.Mounted(mnt) {
+	if fusetest.MustMounted(t, mnt) {
 		t.Fatal("mount left behind")
 	}
 	if strings.Contains(stderr.String(), "sk-mount") {
@@ -112,6 +114,8 @@ func TestMountRefusals(t *testing.T) {
 	}
 }
 
+var auditOpenRow = regexp.MustCompile(`(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d +open +acme/openai +\d+ +\d+ +0 `)
+
 // TestDemo runs the README's demo command's script as a new user would,
 // minus the wait for Ctrl-C, twice.
 func TestDemo(t *testing.T) {
@@ -119,7 +123,7 @@ func TestDemo(t *testing.T) {
 	for run := range 2 {
 		cmd := exec.Command("../../scripts/demo.sh")
 		cmd.Env = append(os.Environ(), "KEYFS_BIN="+keyfsBin, "DEMO_ONESHOT=1")
-		var buf lockedBuffer
+		var buf syncbuf.Buffer
 		cmd.Stdout, cmd.Stderr = &buf, &buf
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -129,10 +133,15 @@ func TestDemo(t *testing.T) {
 		if err != nil {
 			t.Fatalf("demo run %d: %v\n%s", run+1, err, out)
 		}
-		for _, want := range []string{"acme/openai", "beta", "sk-demo-acme-openai-", "Read-only file system", "open", "(nothing found)"} {
+		for _, want := range []string{"acme/openai", "beta", "sk-demo-acme-openai-", "Read-only file system", "(nothing found)"} {
 			if !strings.Contains(string(out), want) {
 				t.Errorf("demo run %d output lacks %q:\n%s", run+1, want, out)
 			}
+		}
+		// The audit table has a row for the cat: event open, the key, a
+		// version, a pid and uid 0.
+		if !auditOpenRow.Match(out) {
+			t.Errorf("demo run %d output has no audit row for the open of acme/openai:\n%s", run+1, out)
 		}
 	}
 	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), "keyfs-demo") {

@@ -15,10 +15,6 @@ import (
 	"github.com/spf13/cobra"
 )
 
-func addPlatformCommands(root *cobra.Command, g *globals) {
-	root.AddCommand(mountCmd(g), serveCmd(g))
-}
-
 // openAudit opens STATE/audit.log, or stdout for "-".
 func (g *globals) openAudit(path string) (*audit.Logger, error) {
 	if path == "-" {
@@ -65,7 +61,8 @@ within a second. Every open is written to the audit log.`,
 			if err := requireRoot("mount"); err != nil {
 				return err
 			}
-			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			g.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+			log := g.log
 			hardenProcess(log)
 			if cleaned, err := fusefs.CleanStale(mnt); err != nil {
 				return fmt.Errorf("%s: %w", mnt, err)

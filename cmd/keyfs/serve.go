@@ -49,7 +49,8 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 			if err := requireRoot("serve"); err != nil {
 				return err
 			}
-			log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+			g.log = slog.New(slog.NewJSONHandler(os.Stderr, nil))
+			log := g.log
 			hardenProcess(log)
 			dm, err := g.startDaemon(auditPath)
 			if err != nil {
@@ -77,7 +78,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 
 			ctx, stop := signal.NotifyContext(c.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			go pol.Watch(ctx, time.Second, nil)
+			go pol.Watch(ctx, time.Second, log, nil)
 
 			ln, err := net.Listen("tcp", metricsAddr)
 			if err != nil {
@@ -105,7 +106,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 				}()
 			}
 			log.Info("serving", "driver", driver.DriverName, "version", version(), "node", nodeID, "kid", key.KID(),
-				"csi", endpoint, "metrics", ln.Addr().String(), "policy", policyPath, "default_rule", defaultRule)
+				"endpoint", endpoint, "metrics", ln.Addr().String(), "policy", policyPath, "default_rule", defaultRule)
 			err = d.Serve(ctx, endpoint)
 			log.Info("stopped")
 			if errors.Is(err, context.Canceled) {

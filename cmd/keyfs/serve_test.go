@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"net"
 	"net/http"
@@ -21,6 +22,7 @@ import (
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/keyfs/keyfs/internal/fusetest"
+	"github.com/keyfs/keyfs/internal/syncbuf"
 )
 
 func freeAddr(t *testing.T) string {
@@ -54,11 +56,15 @@ func TestServe(t *testing.T) {
 	sock := filepath.Join(kubelet, "plugins", "keyfs.csi.dev", "csi.sock")
 	os.MkdirAll(filepath.Dir(sock), 0o755)
 	metrics := freeAddr(t)
+	policy := filepath.Join(tmp, "policy.yaml")
+	if err := os.WriteFile(policy, []byte("tenants: {}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	cmd := exec.Command(keyfsBin, "serve", "--csi-endpoint", "unix://"+sock, "--node-id", "node-1",
-		"--kubelet-dir", kubelet, "--kubelet-registration-dir", regDir, "--metrics-addr", metrics)
+		"--kubelet-dir", kubelet, "--kubelet-registration-dir", regDir, "--metrics-addr", metrics, "--policy", policy)
 	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
-	var logs lockedBuffer
+	var logs syncbuf.Buffer
 	cmd.Stderr = &logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -114,6 +120,16 @@ func TestServe(t *testing.T) {
 	if _, err := node.NodePublishVolume(ctx, req); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "acme") {
 		t.Fatalf("acme pod asking for beta: %v", err)
 	}
+	// A policy change is picked up and logged by the running daemon.
+	if err := os.WriteFile(policy, []byte("tenants:\n  beta:\n    namespaces: [acme]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), `"msg":"policy reloaded"`); {
+		if time.Now().After(deadline) {
+			t.Fatalf("policy change not logged within 10s:\n%s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 
 	// Metrics count the publish, the denial and the read.
 	r, err := http.Get("http://" + metrics + "/metrics")
@@ -122,7 +138,7 @@ func TestServe(t *testing.T) {
 	}
 	body, _ := io.ReadAll(r.Body)
 	r.Body.Close()
-	for _, want := range []string{"keyfs_csi_publishes_total 1", "keyfs_csi_denials_total", `keyfs_reads_total{tenant="acme"} 1`, "keyfs_csi_mounted_volumes 1"} {
+	for _, want := range []string{"keyfs_csi_publishes_total 1", "keyfs_csi_denials_total", `keyfs_reads_total{tenant="acme"} 1`, "keyfs_csi_mounted_volumes 1", `keyfs_policy_reloads_total{result="applied"} 1`} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)
 		}
@@ -147,10 +163,22 @@ func TestServe(t *testing.T) {
 	if strings.Contains(logs.String(), "sk-serve") {
 		t.Fatal("serve logged a value")
 	}
+	// Every line is JSON with the same keys for time, level and message,
+	// the simulator's warning and the policy reload included.
+	var sawSim, sawPolicy bool
 	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
-		if !strings.HasPrefix(line, "{") && !strings.Contains(line, "INSECURE in-process TPM simulator") {
-			t.Errorf("log line is not JSON: %s", line)
+		var l struct{ Time, Level, Msg string }
+		if err := json.Unmarshal([]byte(line), &l); err != nil || l.Time == "" || l.Level == "" || l.Msg == "" {
+			t.Errorf("log line is not a JSON log record: %s", line)
 		}
+		if strings.HasPrefix(l.Msg, "keyfs:") {
+			t.Errorf("log message carries the keyfs: prefix of CLI messages: %s", line)
+		}
+		sawSim = sawSim || l.Level == "WARN" && strings.Contains(l.Msg, "INSECURE in-process TPM simulator")
+		sawPolicy = sawPolicy || l.Msg == "policy reloaded"
+	}
+	if !sawSim || !sawPolicy {
+		t.Errorf("serve's log lacks the simulator warning (%v) or the policy reload (%v):\n%s", sawSim, sawPolicy, logs.String())
 	}
 	audit := c.must(0, "", "audit", "-o", "json").stdout
 	for _, want := range []string{`"event":"publish"`, `"event":"deny"`, `"event":"open"`, `"pod_uid":"uid-1"`, `"event":"unpublish"`} {

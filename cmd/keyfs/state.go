@@ -65,7 +65,7 @@ func (g *globals) unseal() (*keystore.MasterKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w: %w", g.path("master.sealed"), keystore.ErrIntegrity, err)
 	}
-	t, err := tpm.Open(g.tpm)
+	t, err := g.openTPM()
 	if err != nil {
 		return nil, err
 	}
@@ -126,7 +126,7 @@ func (g *globals) readValue(prompt string, keepNewline bool) ([]byte, error) {
 // unseals, and writes master.pub and master.sealed: the last write is the
 // one that switches the state to the new seal.
 func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int) error {
-	t, err := tpm.Open(g.tpm)
+	t, err := g.openTPM()
 	if err != nil {
 		return err
 	}
@@ -176,4 +176,13 @@ func eachKey(d *keystore.Dir, tenants []string, f func(keystore.Entry, *keystore
 		}
 	}
 	return nil
+}
+
+// openTPM opens --tpm, saying so loudly when it protects nothing.
+func (g *globals) openTPM() (*tpm.TPM, error) {
+	t, err := tpm.Open(g.tpm)
+	if err == nil && t.Insecure() {
+		g.warn("using the INSECURE in-process TPM simulator (fixed seed); for tests and demos only")
+	}
+	return t, err
 }

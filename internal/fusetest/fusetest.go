@@ -26,8 +26,22 @@ func Require(t testing.TB) {
 }
 
 // Mounted reports whether something is mounted exactly at path. It reads
-// the mount table and never touches path, so a dead FUSE mount counts.
-func Mounted(path string) bool {
+// the mount table and never touches path, so a dead FUSE mount counts. A
+// mount table it cannot read is an error, never "not mounted".
+func Mounted(path string) (bool, error) {
 	ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(path))
-	return err == nil && len(ms) > 0
+	if err != nil {
+		return false, fmt.Errorf("read the mount table for %s: %w", path, err)
+	}
+	return len(ms) > 0, nil
+}
+
+// MustMounted is Mounted that fails the test on an error.
+func MustMounted(t testing.TB, path string) bool {
+	t.Helper()
+	m, err := Mounted(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }

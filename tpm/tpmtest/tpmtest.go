@@ -1,15 +1,24 @@
-// Package tpmtest starts throw-away swtpm instances for tests.
+// Package tpmtest starts throw-away swtpm instances for tests and holds the
+// TPM commands only tests send (PCR extends, handle listings), so package
+// tpm exports none of them.
 package tpmtest
 
 import (
-	"bytes"
+	"crypto/sha256"
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+	"github.com/google/go-tpm/tpm2/transport/tcp"
+	"github.com/keyfs/keyfs/internal/syncbuf"
 )
 
 // StartSWTPM starts a private swtpm with fresh state on free 127.0.0.1
@@ -42,7 +51,7 @@ func StartSWTPM(t testing.TB) string {
 func start(t testing.TB, bin, dir string) (addr, errText string, ok bool) {
 	port, ctrl := freePort(t), freePort(t)
 	addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	var out syncBuffer
+	var out syncbuf.Buffer
 	cmd := exec.Command(bin, "socket", "--tpm2",
 		"--server", "type=tcp,bindaddr=127.0.0.1,port="+strconv.Itoa(port),
 		"--ctrl", "type=tcp,bindaddr=127.0.0.1,port="+strconv.Itoa(ctrl),
@@ -68,7 +77,11 @@ func start(t testing.TB, bin, dir string) (addr, errText string, ok bool) {
 		// swtpm serves one client at a time; this probe disconnects at once.
 		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 			c.Close()
-			t.Cleanup(stop)
+			ctrlAddrs.Store("swtpm:"+addr, net.JoinHostPort("127.0.0.1", strconv.Itoa(ctrl)))
+			t.Cleanup(func() {
+				stop()
+				ctrlAddrs.Delete("swtpm:" + addr)
+			})
 			return addr, "", true
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -86,20 +99,69 @@ func freePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// syncBuffer collects swtpm's output, written by exec's copying goroutine.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
+// ctrlAddrs maps the spec of each running swtpm to its control port.
+var ctrlAddrs sync.Map
+
+// Dial opens a raw connection to a swtpm that StartSWTPM started. swtpm
+// serves one client at a time: close any other client first, and close
+// this one before the next (it is closed when the test ends at the latest).
+func Dial(t testing.TB, spec string) transport.TPMCloser {
+	t.Helper()
+	ctrl, ok := ctrlAddrs.Load(spec)
+	if !ok {
+		t.Fatalf("tpmtest.Dial(%q): not a swtpm started by StartSWTPM", spec)
+	}
+	tr, err := tcp.Open(tcp.Config{CommandAddress: strings.TrimPrefix(spec, "swtpm:"), PlatformAddress: ctrl.(string)})
+	if err != nil {
+		t.Fatalf("dial swtpm %s: %v", spec, err)
+	}
+	t.Cleanup(func() { tr.Close() })
+	return tr
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
+// ExtendPCR extends the sha256 bank of pcr with sha256(data), as a new boot
+// measurement would.
+func ExtendPCR(t testing.TB, tr transport.TPM, pcr int, data []byte) {
+	t.Helper()
+	d := sha256.Sum256(data)
+	_, err := tpm2.PCRExtend{
+		PCRHandle: tpm2.AuthHandle{Handle: tpm2.TPMHandle(pcr), Auth: tpm2.PasswordAuth(nil)},
+		Digests: tpm2.TPMLDigestValues{Digests: []tpm2.TPMTHA{
+			{HashAlg: tpm2.TPMAlgSHA256, Digest: d[:]},
+		}},
+	}.Execute(tr)
+	if err != nil {
+		t.Fatalf("extend PCR %d: %v", pcr, err)
+	}
 }
 
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
+// TransientHandles lists the transient objects and the loaded and saved
+// sessions the TPM holds (only this client's under a resource manager).
+// Tests compare it before and after an operation to find leaks.
+func TransientHandles(t testing.TB, tr transport.TPM) []uint32 {
+	t.Helper()
+	var out []uint32
+	for _, first := range []uint32{0x80000000, 0x02000000, 0x03000000} {
+		prop := first
+		for {
+			rsp, err := tpm2.GetCapability{Capability: tpm2.TPMCapHandles, Property: prop, PropertyCount: 64}.Execute(tr)
+			if err != nil {
+				t.Fatalf("get handles: %v", err)
+			}
+			hs, err := rsp.CapabilityData.Data.Handles()
+			if err != nil {
+				t.Fatalf("get handles: %v", err)
+			}
+			for _, h := range hs.Handle {
+				out = append(out, uint32(h))
+			}
+			if !rsp.MoreData || len(hs.Handle) == 0 {
+				break
+			}
+			// Loaded policy sessions come back as 0x03...; continue by index.
+			prop = first | (uint32(hs.Handle[len(hs.Handle)-1])&0xFFFFFF + 1)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
