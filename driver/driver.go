@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/prometheus/client_golang/prometheus"
@@ -38,7 +37,7 @@ type Config struct {
 	KubeletDir string // DefaultKubeletDir when empty
 	StateDir   string // required: volume records live in StateDir/volumes
 
-	Store *keystore.Dir       // required
+	Store keystore.Store      // required: the daemon's shared index
 	Key   *keystore.MasterKey // required
 	Audit *audit.Logger       // nil: no audit trail
 	Log   *slog.Logger        // nil: slog.Default()
@@ -47,10 +46,6 @@ type Config struct {
 	Policy *Policy
 	// Registry receives the driver's metrics; nil keeps them unregistered.
 	Registry prometheus.Registerer
-
-	// PollInterval is how often each mount checks the store for changes;
-	// 0 leaves fusefs's default.
-	PollInterval time.Duration
 }
 
 // view is what the driver needs of a mounted fusefs server; a seam so a
@@ -89,12 +84,11 @@ type Driver struct {
 
 	name, version, nodeID string
 	kubeletDir, stateDir  string
-	store                 *keystore.Dir
+	store                 keystore.Store
 	key                   *keystore.MasterKey
 	audit                 *audit.Logger
 	log                   *slog.Logger
 	policy                *Policy
-	poll                  time.Duration
 	m                     *metrics
 	mount                 mountFunc
 
@@ -158,7 +152,6 @@ func New(c Config) (*Driver, error) {
 		audit:      c.Audit,
 		log:        c.Log,
 		policy:     c.Policy,
-		poll:       c.PollInterval,
 		m:          m,
 		mount:      fuseMount,
 		vols:       map[string]*volume{},
@@ -228,7 +221,7 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csi.GetPluginCapabiliti
 // master key: New requires it).
 func (d *Driver) Probe(context.Context, *csi.ProbeRequest) (*csi.ProbeResponse, error) {
 	ready := true
-	if _, err := d.store.Tenants(); err != nil {
+	if err := d.store.Refresh(); err != nil {
 		d.log.Warn("probe: store unreadable", "err", err)
 		ready = false
 	}

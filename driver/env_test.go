@@ -56,6 +56,7 @@ type env struct {
 	storeDir   string
 	seed       []byte
 	store      *keystore.Dir
+	index      *keystore.DirIndex // what the driver serves
 	key        *keystore.MasterKey
 	auditPath  string
 	policyPath string
@@ -88,8 +89,7 @@ func newEnv(t *testing.T, c envConfig) *env {
 	e.reg = prometheus.NewRegistry()
 	e.drv, err = New(Config{
 		Version: "test", NodeID: "node-1", KubeletDir: e.kubelet, StateDir: e.state,
-		Store: e.store, Key: e.key, Audit: al, Log: testLogger(t), Policy: e.policy, Registry: e.reg,
-		PollInterval: 50 * time.Millisecond,
+		Store: e.index, Key: e.key, Audit: al, Log: testLogger(t), Policy: e.policy, Registry: e.reg,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -142,6 +142,10 @@ func newStoreEnv(t *testing.T) *env {
 	for ref, val := range testKeys {
 		e.put(ref, val)
 	}
+	if e.index, err = keystore.WatchDir(e.store, 50*time.Millisecond, testLogger(t)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.index.Close)
 	return e
 }
 

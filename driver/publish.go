@@ -156,13 +156,12 @@ func (d *Driver) mountOptions(rec volumeRecord, params volumeParams) fusefs.Opti
 		Allow: func(t string) bool {
 			return (all || listed[t]) && policy.Granted(pod.Namespace, pod.ServiceAccount, t)
 		},
-		Keys:         params.Keys,
-		UID:          params.UID,
-		GID:          params.GID,
-		FileMode:     params.Mode,
-		Pod:          podEvent("", pod, rec.VolumeID),
-		PollInterval: d.poll,
-		OnRead:       d.m.onRead,
+		Keys:     params.Keys,
+		UID:      params.UID,
+		GID:      params.GID,
+		FileMode: params.Mode,
+		Pod:      podEvent("", pod, rec.VolumeID),
+		OnRead:   d.m.onRead,
 	}
 }
 

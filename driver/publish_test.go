@@ -45,7 +45,7 @@ func TestIdentity(t *testing.T) {
 	if !probe() {
 		t.Fatal("Probe not ready with a key and a readable store")
 	}
-	if _, err := New(Config{NodeID: "n", StateDir: t.TempDir(), Store: e.store}); err == nil || !strings.Contains(err.Error(), "master key is required") {
+	if _, err := New(Config{NodeID: "n", StateDir: t.TempDir(), Store: e.index}); err == nil || !strings.Contains(err.Error(), "master key is required") {
 		t.Errorf("New without a master key: %v", err)
 	}
 	os.Rename(e.storeDir, e.storeDir+".moved")
@@ -368,7 +368,7 @@ func TestUnpublishLeftoverMount(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A mount this driver does not know, as a previous daemon leaves it.
-	srv, err := fusefs.Mount(tgt, fusefs.Options{Store: e.store, Key: e.key, Log: testLogger(t)})
+	srv, err := fusefs.Mount(tgt, fusefs.Options{Store: e.index, Key: e.key, Log: testLogger(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

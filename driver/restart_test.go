@@ -46,8 +46,14 @@ func runHelper() int {
 		log.Error("store", "err", err)
 		return 2
 	}
+	index, err := keystore.WatchDir(store, 0, log)
+	if err != nil {
+		log.Error("index", "err", err)
+		return 2
+	}
+	defer index.Close()
 	d, err := New(Config{NodeID: "node-1", KubeletDir: os.Getenv("KEYFS_H_KUBELET"), StateDir: os.Getenv("KEYFS_H_STATE"),
-		Store: store, Key: key, Log: log})
+		Store: index, Key: key, Log: log})
 	if err != nil {
 		log.Error("new", "err", err)
 		return 2

@@ -25,14 +25,17 @@ import (
 
 // Options configure one mount.
 type Options struct {
-	Store *keystore.Dir
+	// Store is the daemon's shared index of its key store; every mount
+	// of the daemon shows views of the same one.
+	Store keystore.Store
 	Key   *keystore.MasterKey
 	Audit *audit.Logger // nil: no audit trail
 	Log   *slog.Logger  // nil: slog.Default()
 
 	// Allow says whether a tenant is visible; nil allows every tenant. It
-	// is called on lookup, readdir, open and every poll tick, so grants can
-	// change while mounted. It must be cheap and must not wait for Refresh.
+	// is called on lookup, readdir, open and every store change; when its
+	// answer changes otherwise, call Refresh. It must be cheap and must not
+	// wait for Refresh.
 	Allow func(tenant string) bool
 	// Keys, when non-nil, are the only key names shown.
 	Keys []string
@@ -44,8 +47,6 @@ type Options struct {
 	// stamped on every audit event. With PodUID empty the caller's pod is
 	// looked up from its cgroup.
 	Pod audit.Event
-
-	PollInterval time.Duration // 0 means 200ms
 
 	// OnRead, when set, is called after every open of a key with the time
 	// it took and its outcome, for metrics: nil, an error wrapping
@@ -70,12 +71,12 @@ type Server struct {
 	root  *rootNode
 	mtime time.Time // of directories: the mount time
 
-	snap    atomic.Pointer[snapshot]
-	cache   recordCache
+	// snap is the store snapshot this mount shows: the kernel was told of
+	// every difference between it and the ones before.
+	snap    atomic.Pointer[keystore.Snapshot]
 	callers callers
 
 	refreshMu sync.Mutex      // one refresh at a time
-	gen       string          // store generation the snapshot reflects
 	changed   map[string]bool // tenants whose keys changed in the last refresh
 
 	inoMu   sync.Mutex
@@ -85,7 +86,7 @@ type Server struct {
 	served   chan struct{} // closed when the serve loop ends
 	stop     chan struct{}
 	stopOnce sync.Once
-	polling  sync.WaitGroup
+	watching sync.WaitGroup
 }
 
 // Mount mounts a read-only view of o.Store at mountpoint and serves it until
@@ -99,9 +100,6 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	}
 	if err := checkFileMode(o.FileMode); err != nil {
 		return nil, fmt.Errorf("fusefs: %w", err)
-	}
-	if o.PollInterval <= 0 {
-		o.PollInterval = 200 * time.Millisecond
 	}
 	s := &Server{
 		o:       o,
@@ -121,18 +119,11 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 			s.keys[k] = true
 		}
 	}
-	s.cache.init(recordCacheSize)
-
-	gen, err := o.Store.Gen()
-	if err != nil {
+	// A view starts from the store as it is now, not as last polled.
+	if err := o.Store.Refresh(); err != nil {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
-	snap, err := s.scan(nil)
-	if err != nil {
-		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
-	}
-	s.gen = gen
-	s.snap.Store(snap)
+	s.snap.Store(o.Store.Snapshot())
 
 	s.root = &rootNode{s: s}
 	timeout := cacheTimeout
@@ -168,8 +159,8 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		srv.Unmount()
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
-	s.polling.Add(1)
-	go s.poll()
+	s.watching.Add(1)
+	go s.watch()
 	return s, nil
 }
 
@@ -196,68 +187,70 @@ func (s *Server) Unmount() error {
 			s.log.Warn("unmounted, but another mount namespace still holds the view; it ends with this process")
 		}
 	}
-	s.stopPolling()
+	s.stopWatching()
 	return nil
 }
 
 // Wait returns when the view is unmounted, by Unmount or from outside.
 func (s *Server) Wait() {
 	<-s.served
-	s.stopPolling()
+	s.stopWatching()
 }
 
-func (s *Server) stopPolling() {
+func (s *Server) stopWatching() {
 	s.stopOnce.Do(func() { close(s.stop) })
-	s.polling.Wait()
+	s.watching.Wait()
 }
 
-// Refresh re-reads the store and re-evaluates Allow now, instead of at the
-// next poll; changes are visible in the mount when it returns. After the
-// view is unmounted it does nothing.
+// Refresh re-evaluates Allow now, for a caller whose grants changed;
+// they are visible in the mount when it returns. After the view is
+// unmounted it does nothing.
 func (s *Server) Refresh() {
 	select {
 	case <-s.stop:
 	case <-s.served:
 	default:
-		s.refresh(true)
+		s.refresh()
 	}
 }
 
-func (s *Server) poll() {
-	defer s.polling.Done()
-	t := time.NewTicker(s.o.PollInterval)
-	defer t.Stop()
+// recheck is how long after a change the mount checks again the tenants
+// that changed, for a lookup that raced the change's notifications.
+const recheck = 200 * time.Millisecond
+
+// watch follows the store: each new snapshot is diffed against the one
+// before and the kernel told of every difference. Nothing runs while the
+// store does not change.
+func (s *Server) watch() {
+	defer s.watching.Done()
+	var again <-chan time.Time
 	for {
 		select {
 		case <-s.stop:
 			return
-		case <-t.C:
-			s.refresh(false)
-			s.callers.prune()
+		case <-s.snap.Load().Superseded():
+			s.refresh()
+		case <-again:
+			s.refresh()
 		}
+		again = nil
+		s.refreshMu.Lock()
+		if s.changed != nil {
+			again = time.After(recheck)
+		}
+		s.refreshMu.Unlock()
+		s.callers.prune()
 	}
 }
 
-// refresh brings the snapshot up to date with the store when its generation
-// changed (or always, with force), then tells the kernel to drop whatever
-// it caches that is no longer true.
-func (s *Server) refresh(force bool) {
+// refresh moves the mount to the store's current snapshot and tells the
+// kernel to drop whatever it caches that is no longer true.
+func (s *Server) refresh() {
 	s.refreshMu.Lock()
 	defer s.refreshMu.Unlock()
-	old := s.snap.Load()
-	gen, err := s.o.Store.Gen()
-	if err != nil {
-		s.log.Warn("cannot read store generation", "err", err)
-	} else if force || gen != s.gen {
-		snap, err := s.scan(old)
-		if err != nil {
-			s.log.Warn("cannot rescan store", "err", err)
-		} else {
-			s.gen = gen
-			s.snap.Store(snap)
-		}
-	}
-	s.invalidate(old, s.snap.Load())
+	old, cur := s.snap.Load(), s.o.Store.Snapshot()
+	s.snap.Store(cur)
+	s.invalidate(old, cur)
 }
 
 // invalidate compares what the kernel may hold (go-fuse's tree mirrors
@@ -265,15 +258,15 @@ func (s *Server) refresh(force bool) {
 // kernel of every difference. Appearing names need nothing: failed lookups
 // are not cached. Keys are checked in tenants that changed in this refresh
 // or the one before, which catches a lookup that raced the change.
-func (s *Server) invalidate(old, cur *snapshot) {
+func (s *Server) invalidate(old, cur *keystore.Snapshot) {
 	root := &s.root.Inode
 	var changed map[string]bool
 	for name, ti := range root.Children() {
-		t := cur.tenants[name]
-		if t == nil || !t.visible() || !s.allow(name) {
+		t := cur.Tenant(name)
+		if !s.visible(name, t) {
 			root.NotifyEntry(name)
 		}
-		if t != old.tenants[name] {
+		if t != old.Tenant(name) {
 			if changed == nil {
 				changed = map[string]bool{}
 			}
@@ -282,7 +275,7 @@ func (s *Server) invalidate(old, cur *snapshot) {
 			continue
 		}
 		for key, ki := range ti.Children() {
-			v := t.lookup(key)
+			v := s.key(t, key)
 			if v == nil {
 				ti.NotifyEntry(key)
 				continue

@@ -33,6 +33,7 @@ import (
 type env struct {
 	t     testing.TB
 	store *keystore.Dir
+	index *keystore.DirIndex // what mounts show
 	key   *keystore.MasterKey
 	audit string // audit log path
 	log   *audit.Logger
@@ -55,6 +56,10 @@ func newEnv(t testing.TB) *env {
 		t.Fatal(err)
 	}
 	e := &env{t: t, store: d, key: m, audit: filepath.Join(dir, "audit.log")}
+	if e.index, err = keystore.WatchDir(d, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.index.Close)
 	if e.log, err = audit.Open(e.audit, audit.DefaultMaxBytes); err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +85,10 @@ func (e *env) mount(o Options) (*Server, string) {
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		e.t.Fatal(err)
 	}
-	o.Store, o.Key = e.store, e.key
+	if o.Store == nil {
+		o.Store = e.index
+	}
+	o.Key = e.key
 	if o.Audit == nil {
 		o.Audit = e.log
 	}
@@ -127,7 +135,7 @@ func TestMountRefusesWritableMode(t *testing.T) {
 	e.put("acme", "openai", "v")
 	mnt := t.TempDir()
 	for _, mode := range []uint32{0o644, 0o555, 0o1444, 0o10444} {
-		s, err := Mount(mnt, Options{Store: e.store, Key: e.key, FileMode: mode})
+		s, err := Mount(mnt, Options{Store: e.index, Key: e.key, FileMode: mode})
 		if err == nil {
 			unmount(t, s, mnt)
 			t.Errorf("Mount with mode %#o succeeded", mode)
@@ -284,7 +292,7 @@ func TestMmapRefused(t *testing.T) {
 func TestMmapHelper(t *testing.T) {
 	f := os.Getenv("KEYFS_TEST_MMAP")
 	if f == "" {
-		t.Skip("helper process for TestMmapRefused")
+		return // a helper process for TestMmapRefused, not a test
 	}
 	fd, err := syscall.Open(f, syscall.O_RDONLY, 0)
 	if err != nil {
@@ -416,7 +424,12 @@ func TestTamperedRecord(t *testing.T) {
 func TestOpenAfterPrune(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "v1")
-	_, mnt := e.mount(Options{PollInterval: time.Hour}) // the snapshot stays stale
+	stale, err := keystore.WatchDir(e.store, time.Hour, nil) // its snapshot stays stale
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stale.Close)
+	_, mnt := e.mount(Options{Store: stale})
 	for _, v := range []string{"v2", "v3", "v4", "v5"} {
 		e.put("acme", "openai", v)
 	}
@@ -434,7 +447,7 @@ func TestMountOptions(t *testing.T) {
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s, err := Mount(mnt, Options{Store: e.store, Key: e.key})
+	s, err := Mount(mnt, Options{Store: e.index, Key: e.key})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -622,15 +635,24 @@ func TestAllowChanges(t *testing.T) {
 	if names := readDir(t, mnt); !slices.Equal(names, []string{"acme", "globex"}) {
 		t.Errorf("root lists %q", names)
 	}
-	// Revoked without Refresh: the next poll must hide it, though the
-	// kernel caches the entry.
+	// Revoked: Refresh hides it at once, though the kernel caches the
+	// entry.
+	if !exists(g) {
+		t.Fatal("globex not visible before the revoke")
+	}
 	globex.Store(false)
-	within(t, time.Second, "revoked tenant vanishes", func() bool { return !exists(g) && !exists(filepath.Join(mnt, "globex")) })
+	s.Refresh()
+	if exists(g) || exists(filepath.Join(mnt, "globex")) {
+		t.Error("revoked tenant still visible after Refresh")
+	}
 	if names := readDir(t, mnt); !slices.Equal(names, []string{"acme"}) {
 		t.Errorf("root lists %q after revoke", names)
 	}
 	globex.Store(true)
-	within(t, time.Second, "re-granted tenant appears", func() bool { return exists(g) })
+	s.Refresh()
+	if !exists(g) {
+		t.Error("re-granted tenant not visible after Refresh")
+	}
 }
 
 func TestAudit(t *testing.T) {
@@ -693,7 +715,7 @@ func TestPlaintextWiped(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &handle{v: &version{Entry: keystore.Entry{Tenant: "acme", Name: "openai", Version: 1}}, rec: rec, key: m, pt: pt}
+	h := &handle{v: &keystore.Key{Entry: keystore.Entry{Tenant: "acme", Name: "openai", Version: 1}}, rec: rec, key: m, pt: pt}
 	head, _ := h.Read(t.Context(), make([]byte, 4), 0)
 	tail, _ := h.Read(t.Context(), make([]byte, 100), 4)
 	tail.Done()
@@ -774,7 +796,7 @@ func TestCleanStale(t *testing.T) {
 func TestMountAndHang(t *testing.T) {
 	arg := os.Getenv("KEYFS_TEST_MOUNT_AND_HANG")
 	if arg == "" {
-		t.Skip("helper process for TestCleanStale")
+		return // a helper process for TestCleanStale, not a test
 	}
 	root, mnt, _ := strings.Cut(arg, "|")
 	d, err := keystore.OpenDir(root)
@@ -783,7 +805,11 @@ func TestMountAndHang(t *testing.T) {
 	}
 	seed := make([]byte, keystore.SeedSize)
 	m, _ := keystore.NewMasterKey(seed)
-	if _, err := Mount(mnt, Options{Store: d, Key: m}); err != nil {
+	x, err := keystore.WatchDir(d, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Mount(mnt, Options{Store: x, Key: m}); err != nil {
 		t.Fatal(err)
 	}
 	fmt.Println("mounted")
@@ -900,5 +926,35 @@ func TestUnmountWithForeignBind(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("server still running after the last copy of the mount went away")
+	}
+}
+
+// TestViewsShareOneIndex: many mounts of one daemon follow one index of
+// the store; a change reaches each within a second, and all of them serve
+// the same record objects (one record cache, not one per mount).
+func TestViewsShareOneIndex(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	const n = 20
+	servers := make([]*Server, n)
+	mnts := make([]string, n)
+	for i := range n {
+		servers[i], mnts[i] = e.mount(Options{})
+		if got, err := os.ReadFile(filepath.Join(mnts[i], "acme", "openai")); err != nil || string(got) != "v1" {
+			t.Fatalf("mount %d: %q %v", i, got, err)
+		}
+	}
+	e.put("acme", "openai", "v2")
+	for i := range n {
+		within(t, time.Second, fmt.Sprintf("mount %d serves v2", i), func() bool {
+			got, err := os.ReadFile(filepath.Join(mnts[i], "acme", "openai"))
+			return err == nil && string(got) == "v2"
+		})
+	}
+	want := e.index.Snapshot().Tenant("acme").Key("openai")
+	for i, s := range servers {
+		if got := s.snap.Load().Tenant("acme").Key("openai"); got != want {
+			t.Errorf("mount %d serves its own copy of the key, not the index's", i)
+		}
 	}
 }

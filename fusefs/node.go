@@ -33,15 +33,6 @@ func (r *rootNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrO
 	return 0
 }
 
-// visibleTenant returns the tenant if this mount shows it now, else nil.
-func (s *Server) visibleTenant(name string) *tenant {
-	t := s.snap.Load().tenants[name]
-	if !t.visible() || !s.allow(name) {
-		return nil
-	}
-	return t
-}
-
 func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	if r.s.visibleTenant(name) == nil {
 		return nil, syscall.ENOENT
@@ -54,8 +45,8 @@ func (r *rootNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) 
 func (r *rootNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 	snap := r.s.snap.Load()
 	var es []fuse.DirEntry
-	for _, name := range snap.names {
-		if snap.tenants[name].visible() && r.s.allow(name) {
+	for _, name := range snap.Tenants() {
+		if r.s.visible(name, snap.Tenant(name)) {
 			es = append(es, fuse.DirEntry{Name: name, Mode: syscall.S_IFDIR, Ino: r.s.ino(name)})
 		}
 	}
@@ -88,7 +79,7 @@ func (d *tenantNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.Att
 }
 
 func (d *tenantNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
-	v := d.s.visibleTenant(d.name).lookup(name)
+	v := d.s.key(d.s.visibleTenant(d.name), name)
 	if v == nil {
 		return nil, syscall.ENOENT
 	}
@@ -103,8 +94,9 @@ func (d *tenantNode) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) 
 	if t == nil {
 		return nil, syscall.ENOENT
 	}
-	es := make([]fuse.DirEntry, 0, len(t.names))
-	for _, name := range t.names {
+	names := d.s.keyNames(t)
+	es := make([]fuse.DirEntry, 0, len(names))
+	for _, name := range names {
 		es = append(es, fuse.DirEntry{Name: name, Mode: syscall.S_IFREG, Ino: d.s.ino(d.name + "/" + name)})
 	}
 	return fs.NewListDirStream(es), 0
@@ -115,7 +107,7 @@ type keyNode struct {
 	fs.Inode
 	s            *Server
 	tenant, name string
-	served       atomic.Pointer[version] // whose attributes the kernel last got
+	served       atomic.Pointer[keystore.Key] // whose attributes the kernel last got
 }
 
 var (
@@ -123,14 +115,14 @@ var (
 	_ fs.NodeOpener    = (*keyNode)(nil)
 )
 
-func (k *keyNode) fileAttr(v *version, a *fuse.Attr) {
-	m := k.s.attrs(v)
+func (k *keyNode) fileAttr(v *keystore.Key, a *fuse.Attr) {
+	size, created := v.Attrs()
 	k.served.Store(v)
 	a.Mode = syscall.S_IFREG | k.s.o.FileMode
 	a.Nlink = 1
-	a.Size = uint64(m.size)
+	a.Size = uint64(size)
 	a.Owner = fuse.Owner{Uid: k.s.o.UID, Gid: k.s.o.GID}
-	a.SetTimes(nil, &m.created, &m.created)
+	a.SetTimes(nil, &created, &created)
 }
 
 func (k *keyNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
@@ -138,7 +130,7 @@ func (k *keyNode) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOu
 		k.fileAttr(h.v, &out.Attr) // fstat describes what the fd reads
 		return 0
 	}
-	v := k.s.visibleTenant(k.tenant).lookup(k.name)
+	v := k.s.key(k.s.visibleTenant(k.tenant), k.name)
 	if v == nil {
 		return syscall.ENOENT
 	}
@@ -171,22 +163,23 @@ func (k *keyNode) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32
 // this view no longer shows, else what kept the record from opening.
 func (k *keyNode) open(ctx context.Context) (*handle, error) {
 	s := k.s
-	v := s.visibleTenant(k.tenant).lookup(k.name)
+	v := s.key(s.visibleTenant(k.tenant), k.name)
 	if v == nil {
 		return nil, fmt.Errorf("%s/%s: %w", k.tenant, k.name, keystore.ErrNotFound)
 	}
-	rec, err := s.record(v)
-	// A rotation pruned the version the snapshot names: take the newest.
+	rec, err := v.Record()
+	// Rotations pruned the version the snapshot names: take the newest.
 	for try := 0; errors.Is(err, keystore.ErrNotFound) && try < 5; try++ {
-		var e keystore.Entry
-		if e, err = s.o.Store.Newest(k.tenant, k.name); err != nil {
+		if rerr := s.o.Store.Refresh(); rerr != nil {
 			break
 		}
-		v = &version{Entry: e}
-		rec, err = s.record(v)
+		if v = s.key(s.o.Store.Snapshot().Tenant(k.tenant), k.name); v == nil {
+			break
+		}
+		rec, err = v.Record()
 	}
-	if errors.Is(err, keystore.ErrNotFound) {
-		return nil, err // removed meanwhile
+	if v == nil || errors.Is(err, keystore.ErrNotFound) {
+		return nil, fmt.Errorf("%s/%s: %w", k.tenant, k.name, keystore.ErrNotFound) // removed meanwhile
 	}
 	ev := s.event(ctx, k.tenant, k.name, v.Version)
 	var pt []byte
@@ -224,7 +217,7 @@ func (s *Server) event(ctx context.Context, tenant, key string, version uint64) 
 // delivered its end (or the file is released) and is wiped once go-fuse has
 // written the last reply that refers to it.
 type handle struct {
-	v   *version
+	v   *keystore.Key
 	rec *keystore.Record
 	key *keystore.MasterKey
 

@@ -55,6 +55,9 @@ func (d *Dir) Root() string { return d.root }
 func (d *Dir) Gen() (string, error) {
 	b, err := os.ReadFile(filepath.Join(d.root, ".gen"))
 	if errors.Is(err, fs.ErrNotExist) {
+		if _, serr := os.Stat(d.root); serr != nil {
+			return "", fmt.Errorf("store: %w", serr) // the store itself is gone
+		}
 		return "", nil
 	}
 	return string(b), err

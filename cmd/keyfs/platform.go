@@ -129,16 +129,16 @@ func hardenProcess(log *slog.Logger) {
 	}
 }
 
-// daemon is what a serving process holds: the store, the unsealed master
-// key and the audit trail.
+// daemon is what a serving process holds: the one index of its store
+// that every view shows, the unsealed master key and the audit trail.
 type daemon struct {
-	store *keystore.Dir
+	store *keystore.DirIndex
 	key   *keystore.MasterKey
 	audit *audit.Logger
 }
 
 func (g *globals) startDaemon(auditPath string) (*daemon, error) {
-	store, err := g.store()
+	d, err := g.store()
 	if err != nil {
 		return nil, err
 	}
@@ -151,10 +151,17 @@ func (g *globals) startDaemon(auditPath string) (*daemon, error) {
 		key.Close()
 		return nil, err
 	}
-	return &daemon{store: store, key: key, audit: al}, nil
+	index, err := keystore.WatchDir(d, 0, g.log)
+	if err != nil {
+		al.Close()
+		key.Close()
+		return nil, err
+	}
+	return &daemon{store: index, key: key, audit: al}, nil
 }
 
 func (dm *daemon) close() {
+	dm.store.Close()
 	dm.audit.Close()
 	dm.key.Close()
 }

@@ -72,8 +72,14 @@ func runDaemon() int {
 		log.Error("store", "err", err)
 		return 2
 	}
+	index, err := keystore.WatchDir(store, 0, log)
+	if err != nil {
+		log.Error("index", "err", err)
+		return 2
+	}
+	defer index.Close()
 	d, err := driver.New(driver.Config{Version: "bench", NodeID: "bench", KubeletDir: os.Getenv("BENCH_KUBELET"),
-		StateDir: os.Getenv("BENCH_STATE"), Store: store, Key: key, Log: log})
+		StateDir: os.Getenv("BENCH_STATE"), Store: index, Key: key, Log: log})
 	if err != nil {
 		log.Error("driver", "err", err)
 		return 2
