@@ -36,6 +36,7 @@ func requireRoot(what string) error {
 func mountCmd(g *globals) *cobra.Command {
 	var tenants, keys, mode, auditPath string
 	var uid, gid uint32
+	var allowUnprotected bool
 	c := &cobra.Command{
 		Use:   "mount [--tenants T1,T2] [--keys a,b] [--uid U --gid G --mode M] MOUNTPOINT",
 		Short: "Serve keys as read-only files at MOUNTPOINT until SIGINT/SIGTERM",
@@ -63,7 +64,9 @@ within a second. Every open is written to the audit log.`,
 			}
 			g.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 			log := g.log
-			hardenProcess(log)
+			if _, err := hardenProcess(log, "mount", allowUnprotected); err != nil {
+				return err
+			}
 			if cleaned, err := fusefs.CleanStale(mnt); err != nil {
 				return fmt.Errorf("%s: %w", mnt, err)
 			} else if cleaned {
@@ -113,8 +116,11 @@ within a second. Every open is written to the audit log.`,
 	c.Flags().Uint32Var(&gid, "gid", 0, "group of files and directories")
 	c.Flags().StringVar(&mode, "mode", "0444", "file mode (read bits only)")
 	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
+	c.Flags().BoolVar(&allowUnprotected, insecureMemoryFlag, false, "run even when memory cannot be locked or dumps disabled (secrets may reach swap)")
 	return c
 }
+
+const insecureMemoryFlag = "insecure-allow-unlocked-memory"
 
 func orAll(s string) string {
 	if s == "" {
@@ -123,10 +129,21 @@ func orAll(s string) string {
 	return s
 }
 
-func hardenProcess(log *slog.Logger) {
-	if err := harden.Process(); err != nil {
-		log.Warn("memory hardening incomplete; plaintext could reach swap or a core dump", "err", err)
+// hardenProcess keeps the daemon's secrets out of swap and core dumps, or
+// refuses to go on: a daemon that holds the master key unprotected only
+// runs when the operator said so with --insecure-allow-unlocked-memory.
+func hardenProcess(log *slog.Logger, what string, allowUnprotected bool) (protected bool, err error) {
+	herr := harden.Process()
+	switch {
+	case herr == nil:
+		return true, nil
+	case allowUnprotected:
+		log.Warn("running with UNPROTECTED memory (--insecure-allow-unlocked-memory): plaintext and the master key could reach swap or a core dump", "err", herr)
+		return false, nil
 	}
+	return false, fmt.Errorf("%w: keyfs %s cannot protect its memory (%w). Grant CAP_IPC_LOCK (in the DaemonSet: securityContext privileged: true, or capabilities.add: [IPC_LOCK]) "+
+		"or raise RLIMIT_MEMLOCK (systemd LimitMEMLOCK=infinity, ulimit -l unlimited); to run without, at the risk of secrets in swap, pass --insecure-allow-unlocked-memory",
+		errNotRoot, what, herr)
 }
 
 // daemon is what a serving process holds: the one index of its store

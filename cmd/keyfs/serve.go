@@ -22,6 +22,7 @@ import (
 
 func serveCmd(g *globals) *cobra.Command {
 	var endpoint, nodeID, kubeletDir, regDir, policyPath, defaultRule, metricsAddr, auditPath string
+	var allowUnprotected bool
 	c := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the CSI node driver: unseal once, mount a narrowed key view per pod volume",
@@ -51,7 +52,10 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 			}
 			g.log = slog.New(slog.NewJSONHandler(os.Stderr, nil))
 			log := g.log
-			hardenProcess(log)
+			protected, err := hardenProcess(log, "serve", allowUnprotected)
+			if err != nil {
+				return err
+			}
 			dm, err := g.startDaemon(auditPath)
 			if err != nil {
 				return err
@@ -63,7 +67,16 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 				return usageError{fmt.Errorf("--policy %s: %w", policyPath, err)}
 			}
 			reg := prometheus.NewRegistry()
-			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+				prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+					Name: "keyfs_insecure_unlocked_memory",
+					Help: "1 when the daemon runs with memory it could not lock or protect from dumps (--insecure-allow-unlocked-memory).",
+				}, func() float64 {
+					if protected {
+						return 0
+					}
+					return 1
+				}))
 			d, err := driver.New(driver.Config{
 				Version: version(), NodeID: nodeID, KubeletDir: kubeletDir, StateDir: g.state,
 				Store: store, Key: key, Audit: al, Log: log, Policy: pol, Registry: reg,
@@ -123,5 +136,6 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 	c.Flags().StringVar(&defaultRule, "default-rule", driver.RuleNamespace, "namespace: pods may read the tenant named like their namespace; none: only what the policy grants")
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "127.0.0.1:9810", "address for /healthz and /metrics")
 	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
+	c.Flags().BoolVar(&allowUnprotected, insecureMemoryFlag, false, "run even when memory cannot be locked or dumps disabled (secrets may reach swap; shown in /metrics)")
 	return c
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -194,5 +195,76 @@ func TestServeWithoutState(t *testing.T) {
 	r := c.must(exitNotFound, "", "serve", "--csi-endpoint", "unix://"+filepath.Join(t.TempDir(), "csi.sock"), "--metrics-addr", freeAddr(t))
 	if !strings.Contains(r.stderr, "keyfs init") {
 		t.Fatalf("serve without state: %s", r.stderr)
+	}
+}
+
+// TestDaemonsRefuseUnprotectedMemory: without CAP_IPC_LOCK and with
+// RLIMIT_MEMLOCK 0, serve and mount refuse to start and say what to
+// change; with --insecure-allow-unlocked-memory serve runs, says so in its
+// log and in /metrics.
+func TestDaemonsRefuseUnprotectedMemory(t *testing.T) {
+	fusetest.Require(t)
+	for _, tool := range []string{"setpriv", "prlimit"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s (util-linux) is needed: %v", tool, err)
+		}
+	}
+	tmp := t.TempDir()
+	c := &cli{t: t, state: filepath.Join(tmp, "state"), tpm: "sim"}
+	c.must(0, "", "init")
+	c.must(0, "sk-unlocked", "put", "acme/openai")
+	unlocked := func(args ...string) *exec.Cmd {
+		cmd := exec.Command("setpriv", append([]string{"--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--",
+			"prlimit", "--memlock=0:0", "--", keyfsBin}, args...)...)
+		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
+		return cmd
+	}
+	sock := filepath.Join(tmp, "csi.sock")
+	serveArgs := []string{"serve", "--csi-endpoint", "unix://" + sock, "--kubelet-dir", filepath.Join(tmp, "kubelet"),
+		"--kubelet-registration-dir", "", "--metrics-addr", freeAddr(t)}
+	for _, args := range [][]string{serveArgs, {"mount", filepath.Join(tmp, "mnt")}} {
+		out, err := unlocked(args...).CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != exitPerm || !strings.Contains(string(out), "cannot protect its memory") ||
+			!strings.Contains(string(out), "CAP_IPC_LOCK") || !strings.Contains(string(out), "--insecure-allow-unlocked-memory") {
+			t.Errorf("keyfs %s without locked memory: %v\n%s", args[0], err, out)
+		}
+	}
+
+	metrics := freeAddr(t)
+	serveArgs[len(serveArgs)-1] = metrics
+	cmd := unlocked(append(serveArgs, "--insecure-allow-unlocked-memory")...)
+	var logs syncbuf.Buffer
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			waitOrDump(t, cmd, 30*time.Second, &logs)
+		}
+	})
+	var body []byte
+	for deadline := time.Now().Add(15 * time.Second); ; {
+		if r, err := http.Get("http://" + metrics + "/metrics"); err == nil {
+			body, _ = io.ReadAll(r.Body)
+			r.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve with --insecure-allow-unlocked-memory did not serve /metrics: %s", logs.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(string(body), "keyfs_insecure_unlocked_memory 1") {
+		t.Errorf("/metrics does not show the unprotected memory")
+	}
+	if !strings.Contains(logs.String(), "UNPROTECTED memory") {
+		t.Errorf("no warning logged: %s", logs.String())
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := waitOrDump(t, cmd, 30*time.Second, &logs); err != nil {
+		t.Fatalf("serve after SIGTERM: %v\n%s", err, logs.String())
 	}
 }

@@ -8,8 +8,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrMemoryNotLocked marks a failed mlockall: the process still runs, but
-// its memory may be swapped out. Callers log it as a warning.
+// ErrMemoryNotLocked marks a failed mlockall: the process's memory may be
+// swapped out. keyfs's daemons refuse to run then, unless told otherwise.
 var ErrMemoryNotLocked = errors.New("memory not locked")
 
 // Process disables core dumps and ptrace attach by other users (the
