@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -19,8 +20,11 @@ const blobHeader = "keyfs-tpm-blob v1"
 //
 //	keyfs-tpm-blob v1
 //	pcrs: 7,16
+//	srk: <hex name of the SRK it was sealed under>
 //	public: <base64>
 //	private: <base64>
+//
+// Blobs written before SRK pinning have no srk line.
 func (b *Blob) MarshalText() ([]byte, error) {
 	if err := checkPCRs(b.PCRs); err != nil {
 		return nil, err
@@ -31,6 +35,12 @@ func (b *Blob) MarshalText() ([]byte, error) {
 	var buf bytes.Buffer
 	buf.WriteString(blobHeader + "\n")
 	buf.WriteString(strings.TrimSpace("pcrs: "+formatPCRs(sortedPCRs(b.PCRs))) + "\n")
+	if b.SRKName != nil {
+		if err := checkName(b.SRKName); err != nil {
+			return nil, fmt.Errorf("marshal TPM blob: srk: %w", err)
+		}
+		buf.WriteString("srk: " + hex.EncodeToString(b.SRKName) + "\n")
+	}
 	buf.WriteString("public: " + base64.StdEncoding.EncodeToString(b.Public) + "\n")
 	buf.WriteString("private: " + base64.StdEncoding.EncodeToString(b.Private) + "\n")
 	return buf.Bytes(), nil
@@ -57,7 +67,7 @@ func ParseBlob(data []byte) (*Blob, error) {
 		switch {
 		case !ok:
 			return nil, bad("line %d has no \"key: value\"", i+2)
-		case key != "pcrs" && key != "public" && key != "private":
+		case key != "pcrs" && key != "srk" && key != "public" && key != "private":
 			return nil, bad("line %d: unknown key %q", i+2, truncate(key))
 		}
 		if _, dup := fields[key]; dup {
@@ -75,6 +85,14 @@ func ParseBlob(data []byte) (*Blob, error) {
 		return nil, bad("%v", err)
 	}
 	b := &Blob{PCRs: pcrs}
+	if v, ok := fields["srk"]; ok {
+		if b.SRKName, err = hex.DecodeString(v); err != nil {
+			return nil, bad("srk: not hex")
+		}
+		if err := checkName(b.SRKName); err != nil {
+			return nil, bad("srk: %v", err)
+		}
+	}
 	if b.Public, err = base64.StdEncoding.Strict().DecodeString(fields["public"]); err != nil {
 		return nil, bad("public: %v (truncated file?)", err)
 	}
@@ -111,6 +129,15 @@ func (b *Blob) decode() (*tpm2.TPM2BPublic, *tpm2.TPM2BPrivate, error) {
 		return nil, nil, fmt.Errorf("private part: %w", err)
 	}
 	return pub, priv, nil
+}
+
+// checkName checks that n is a sha256 object name: the algorithm id, then
+// the digest.
+func checkName(n []byte) error {
+	if len(n) != 34 || binary.BigEndian.Uint16(n) != uint16(tpm2.TPMAlgSHA256) {
+		return fmt.Errorf("not a sha256 TPM object name (%d bytes)", len(n))
+	}
+	return nil
 }
 
 // check2B checks that data is exactly one TPM2B: a 2-byte size, then that many bytes.

@@ -23,27 +23,44 @@ func fakeBlob(pcrs []int) *Blob {
 }
 
 func TestBlobText(t *testing.T) {
+	srk := append([]byte{0x00, 0x0b}, bytes.Repeat([]byte{0x5a}, 32)...)
 	for _, pcrs := range [][]int{nil, {7, 16}} {
+		for _, pin := range [][]byte{nil, srk} {
+			b := fakeBlob(pcrs)
+			b.SRKName = pin
+			text, err := b.MarshalText()
+			if err != nil {
+				t.Fatal(err)
+			}
+			lines := strings.Split(string(text), "\n")
+			wantPCRs := "pcrs:"
+			if pcrs != nil {
+				wantPCRs = "pcrs: 7,16"
+			}
+			if pin != nil {
+				if len(lines) != 6 || lines[2] != "srk: 000b"+strings.Repeat("5a", 32) {
+					t.Fatalf("pinned blob text:\n%s", text)
+				}
+				lines = append(lines[:2], lines[3:]...)
+			}
+			if len(lines) != 5 || lines[0] != "keyfs-tpm-blob v1" || lines[1] != wantPCRs ||
+				!strings.HasPrefix(lines[2], "public: ") || !strings.HasPrefix(lines[3], "private: ") || lines[4] != "" {
+				t.Fatalf("unexpected text:\n%s", text)
+			}
+			got, err := ParseBlob(text)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got.Public, b.Public) || !bytes.Equal(got.Private, b.Private) || !slices.Equal(got.PCRs, b.PCRs) || !bytes.Equal(got.SRKName, pin) {
+				t.Fatalf("round trip changed the blob: %+v", got)
+			}
+		}
 		b := fakeBlob(pcrs)
-		text, err := b.MarshalText()
-		if err != nil {
-			t.Fatal(err)
-		}
-		lines := strings.Split(string(text), "\n")
-		wantPCRs := "pcrs:"
-		if pcrs != nil {
-			wantPCRs = "pcrs: 7,16"
-		}
-		if len(lines) != 5 || lines[0] != "keyfs-tpm-blob v1" || lines[1] != wantPCRs ||
-			!strings.HasPrefix(lines[2], "public: ") || !strings.HasPrefix(lines[3], "private: ") || lines[4] != "" {
-			t.Fatalf("unexpected text:\n%s", text)
-		}
-		got, err := ParseBlob(text)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got.Public, b.Public) || !bytes.Equal(got.Private, b.Private) || !slices.Equal(got.PCRs, b.PCRs) {
-			t.Fatalf("round trip changed the blob: %+v", got)
+		text, _ := b.MarshalText()
+		for _, bad := range []string{"srk: 000b00", "srk: zz", "srk: 0004" + strings.Repeat("00", 32)} {
+			if _, err := ParseBlob([]byte(strings.Replace(string(text), "public: ", bad+"\npublic: ", 1))); err == nil || !strings.Contains(err.Error(), "srk") {
+				t.Errorf("blob with %q: %v", bad, err)
+			}
 		}
 		// Git may turn line ends into CRLF.
 		if _, err := ParseBlob(bytes.ReplaceAll(text, []byte("\n"), []byte("\r\n"))); err != nil {

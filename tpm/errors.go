@@ -19,6 +19,23 @@ var (
 		"(or reset it with the lockout authorization, e.g. `tpm2_dictionarylockout --clear-lockout`) and retry")
 )
 
+// ErrSRKMismatch marks a TPM whose storage root key is not the one a blob
+// was sealed under. Match it with errors.Is; the error is an *SRKMismatchError.
+var ErrSRKMismatch = errors.New("the TPM's storage root key is not the one the key was sealed under")
+
+// SRKMismatchError names the pinned SRK and the one the TPM presented.
+// Nothing secret was sent to it.
+type SRKMismatchError struct{ Pinned, Got []byte }
+
+func (e *SRKMismatchError) Error() string {
+	return fmt.Sprintf("%v: sealed under SRK %x, this TPM presents SRK %x. This is another TPM, a TPM whose owner hierarchy was cleared, "+
+		"or something between keyfs and the TPM answering in its place; nothing secret was sent. "+
+		"If the TPM was replaced or cleared, restore with `keyfs recover`; otherwise check what sits between keyfs and the TPM",
+		ErrSRKMismatch, e.Pinned, e.Got)
+}
+
+func (e *SRKMismatchError) Is(target error) bool { return target == ErrSRKMismatch }
+
 // PCRPolicyError reports that Unseal was refused because at least one of the
 // PCRs the key is bound to no longer holds the value it had at Seal time.
 type PCRPolicyError struct {

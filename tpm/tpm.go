@@ -7,10 +7,12 @@
 package tpm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -125,11 +127,17 @@ func (t *TPM) Close() error {
 }
 
 // Blob is a sealed secret: the TPM2B_PUBLIC and TPM2B_PRIVATE of a sealed
-// data object under the SRK, and the sha256-bank PCRs its policy covers.
-// Only the TPM that sealed it can load it.
+// data object under the SRK, the sha256-bank PCRs its policy covers, and
+// the SRK's name. Only the TPM that sealed it can load it.
+//
+// SRKName pins the SRK: Unseal refuses a TPM whose SRK has another name
+// before it sends anything secret, since a salted session is only as good
+// as the key it is salted to. A blob without one (written before pinning)
+// is pinned to the SRK it unseals under; save it again to keep the pin.
 type Blob struct {
 	Public, Private []byte
 	PCRs            []int
+	SRKName         []byte
 }
 
 // Seal seals secret (1 to 128 bytes) under the SRK. With pcrs, unsealing
@@ -201,6 +209,7 @@ func (t *TPM) Seal(secret []byte, pcrs []int) (blob *Blob, err error) {
 		Public:  tpm2.Marshal(rsp.OutPublic),
 		Private: tpm2.Marshal(rsp.OutPrivate),
 		PCRs:    pcrs,
+		SRKName: slices.Clone(srk.name.Buffer),
 	}, nil
 }
 
@@ -232,6 +241,13 @@ func (t *TPM) Unseal(b *Blob) (secret []byte, err error) {
 		return nil, err
 	}
 	defer t.flush(srk.handle, &err)
+	// Before any session is salted to it: is this the SRK the seed was
+	// sealed under?
+	if b.SRKName == nil {
+		b.SRKName = slices.Clone(srk.name.Buffer)
+	} else if !bytes.Equal(b.SRKName, srk.name.Buffer) {
+		return nil, &SRKMismatchError{Pinned: slices.Clone(b.SRKName), Got: slices.Clone(srk.name.Buffer)}
+	}
 
 	// Load needs no secret parameter: the private part is encrypted to the SRK.
 	obj, err := tpm2.Load{
@@ -301,7 +317,14 @@ func (t *TPM) createSRK() (*srk, error) {
 		t.flush(rsp.ObjectHandle, &err)
 		return nil, fmt.Errorf("tpm create SRK: %w", err)
 	}
-	return &srk{handle: rsp.ObjectHandle, name: rsp.Name, pub: *pub}, nil
+	// The name is computed here from the public key the session will be
+	// salted to, never taken from the response: it is what the pin checks.
+	name, err := tpm2.ObjectName(pub)
+	if err != nil {
+		t.flush(rsp.ObjectHandle, &err)
+		return nil, fmt.Errorf("tpm create SRK: %w", err)
+	}
+	return &srk{handle: rsp.ObjectHandle, name: *name, pub: *pub}, nil
 }
 
 // pcrPolicyDigest computes the PolicyPCR digest of the current PCR values in

@@ -3,6 +3,7 @@ package tpm
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -152,15 +153,29 @@ func TestSWTPMWrongTPM(t *testing.T) {
 	secret := newSecret(t)
 	before := handles(t, b)
 	for _, pcrs := range [][]int{nil, {16}} {
+		// Pinned: refused at the SRK, before anything is loaded.
 		blob := mustSeal(t, a, secret, pcrs)
 		got, err := b.Unseal(blob)
+		var me *SRKMismatchError
+		if !errors.Is(err, ErrSRKMismatch) || !errors.As(err, &me) || got != nil {
+			t.Fatalf("Unseal on another TPM = %v, want ErrSRKMismatch", err)
+		}
+		for _, want := range []string{fmt.Sprintf("sealed under SRK %x", blob.SRKName), "another TPM", "cleared", "keyfs recover"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("message lacks %q: %v", want, err)
+			}
+		}
+		noLeaks(t, b, before, "the wrong-SRK Unseal")
+
+		// Unpinned (written before pinning): the TPM itself refuses it.
+		blob.SRKName = nil
+		got, err = b.Unseal(blob)
 		if !errors.Is(err, ErrWrongTPM) || got != nil {
-			t.Fatalf("Unseal on another TPM = %v, want ErrWrongTPM", err)
+			t.Fatalf("Unseal of an unpinned blob on another TPM = %v, want ErrWrongTPM", err)
 		}
 		if !strings.Contains(err.Error(), "sealed by a different TPM (or the TPM was cleared); restore with `keyfs recover`") {
 			t.Fatalf("unhelpful message: %v", err)
 		}
-		t.Logf("error: %v", err)
 		noLeaks(t, b, before, "the wrong-TPM Unseal")
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -288,9 +289,10 @@ func TestCLISWTPM(t *testing.T) {
 		t.Fatalf("PCR failure does not name PCR 16: %s", r.stderr)
 	}
 
-	// The node's state on a new TPM: refused as another TPM, then recovered.
+	// The node's state on a new TPM: refused at its storage key (pinned),
+	// then recovered.
 	c.tpm = nodeB
-	if r := c.must(exitTPM, "", "verify"); !strings.Contains(r.stderr, "different TPM") {
+	if r := c.must(exitTPM, "", "verify"); !strings.Contains(r.stderr, "another TPM") || !strings.Contains(r.stderr, "this TPM presents SRK") {
 		t.Fatalf("foreign TPM: %s", r.stderr)
 	}
 	wrong := filepath.Join(work, "wrong.key")
@@ -314,5 +316,34 @@ func TestCLINoTPM(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(c.state, "master.pub")); err == nil {
 		t.Fatal("failed init wrote master.pub")
+	}
+}
+
+// TestCLIPinsLegacyBlob: master.sealed written before SRK pinning unseals
+// once, is upgraded with the pin (and says so), and is checked from then on.
+func TestCLIPinsLegacyBlob(t *testing.T) {
+	c := &cli{t: t, state: filepath.Join(t.TempDir(), "state"), tpm: tpmtest.StartSWTPM(t)}
+	c.must(0, "", "init")
+	c.must(0, "sk-legacy", "put", "acme/openai")
+	sealed := filepath.Join(c.state, "master.sealed")
+	b, err := os.ReadFile(sealed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pin := regexp.MustCompile(`(?m)^srk: [0-9a-f]{68}\n`)
+	if !pin.Match(b) {
+		t.Fatalf("init wrote no SRK pin:\n%s", b)
+	}
+	if err := os.WriteFile(sealed, pin.ReplaceAll(b, nil), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.must(0, "", "verify"); !strings.Contains(r.stderr, "predated SRK pinning: it now pins") {
+		t.Fatalf("legacy blob not upgraded, or silently: %s", r.stderr)
+	}
+	if after, _ := os.ReadFile(sealed); !bytes.Equal(after, b) {
+		t.Errorf("upgraded blob differs from what init wrote:\n%s\nwant\n%s", after, b)
+	}
+	if r := c.must(0, "", "verify"); strings.Contains(r.stderr, "pinning") {
+		t.Errorf("upgraded twice: %s", r.stderr)
 	}
 }

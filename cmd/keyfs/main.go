@@ -40,7 +40,7 @@ func exitCode(err error) int {
 		return exitOK
 	case errors.As(err, &ue), errors.Is(err, keystore.ErrInvalidName), errors.Is(err, keystore.ErrInvalidValue):
 		return exitUsage
-	case errors.Is(err, tpm.ErrNoDevice), errors.Is(err, tpm.ErrTimeout), errors.Is(err, tpm.ErrWrongTPM),
+	case errors.Is(err, tpm.ErrNoDevice), errors.Is(err, tpm.ErrTimeout), errors.Is(err, tpm.ErrWrongTPM), errors.Is(err, tpm.ErrSRKMismatch),
 		errors.Is(err, tpm.ErrLockout), errors.As(err, &pcr):
 		return exitTPM
 	case errors.Is(err, keystore.ErrIntegrity):
@@ -77,6 +77,16 @@ type globals struct {
 	// their final error included, goes through it. Other commands write
 	// plain "keyfs: ..." lines.
 	log *slog.Logger
+}
+
+// info says what a command did along the way, through the daemon's log
+// when there is one.
+func (g *globals) info(msg string) {
+	if g.log != nil {
+		g.log.Info(msg)
+		return
+	}
+	fmt.Fprintln(os.Stderr, "keyfs: "+msg)
 }
 
 // warn says something a user must not miss, through the daemon's log when

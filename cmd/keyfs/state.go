@@ -70,11 +70,15 @@ func (g *globals) unseal() (*keystore.MasterKey, error) {
 		return nil, err
 	}
 	defer t.Close()
+	unpinned := blob.SRKName == nil
 	seed, err := t.Unseal(blob)
 	if err != nil {
 		return nil, fmt.Errorf("unseal the master key: %w", err)
 	}
 	defer clear(seed)
+	if unpinned {
+		g.pinSRK(blob)
+	}
 	m, err := keystore.NewMasterKey(seed)
 	if err != nil {
 		return nil, err
@@ -85,6 +89,20 @@ func (g *globals) unseal() (*keystore.MasterKey, error) {
 			keystore.ErrIntegrity, m.KID(), pub.KID)
 	}
 	return m, nil
+}
+
+// pinSRK saves a blob written before SRK pinning with the SRK it just
+// unsealed under, so every later unseal checks the TPM's storage key first.
+func (g *globals) pinSRK(blob *tpm.Blob) {
+	text, err := blob.MarshalText()
+	if err == nil {
+		err = keystore.WriteFileAtomic(g.path("master.sealed"), text, 0o600)
+	}
+	if err != nil {
+		g.warn(fmt.Sprintf("master.sealed predates SRK pinning and could not be upgraded (%v); it unseals, but the TPM's storage key is not checked", err))
+		return
+	}
+	g.info(fmt.Sprintf("master.sealed predated SRK pinning: it now pins this TPM's storage key %x", blob.SRKName))
 }
 
 // readValue reads a value from stdin: hidden input on a terminal, else the
