@@ -2,7 +2,6 @@ package main
 
 import (
 	"crypto/rand"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -44,6 +43,9 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 			if force && ifMissing {
 				return usagef("--force and --if-missing contradict each other")
 			}
+			if err := g.settleMaster(); err != nil {
+				return err
+			}
 			if _, err := os.Stat(g.path("master.sealed")); err == nil && ifMissing {
 				p, err := g.publicKey()
 				if err != nil {
@@ -69,18 +71,13 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 			defer m.Close()
 
 			start := time.Now()
+			var esc []byte
 			if recovery != nil {
-				esc, err := keystore.Escrow(recovery, seed)
-				if err != nil {
+				if esc, err = keystore.Escrow(recovery, seed); err != nil {
 					return err
 				}
-				if err := keystore.WriteFileAtomic(g.path("master.recovery"), esc, 0o600); err != nil {
-					return err
-				}
-			} else if err := os.Remove(g.path("master.recovery")); err != nil && !errors.Is(err, fs.ErrNotExist) {
-				return err
 			}
-			if err := g.installMaster(m, seed, pcrList); err != nil {
+			if err := g.installMaster(m, seed, pcrList, esc, recovery == nil); err != nil {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "keyfs: master key sealed to the TPM in %s", time.Since(start).Round(time.Millisecond))

@@ -82,6 +82,9 @@ to the master key opens again; master.pub does not change.`,
 			if err != nil {
 				return usageError{err}
 			}
+			if err := g.settleMaster(); err != nil {
+				return err
+			}
 			esc, err := os.ReadFile(g.path("master.recovery"))
 			if errors.Is(err, fs.ErrNotExist) {
 				return fmt.Errorf("no %s: this state was initialized without --recovery-pub, so there is nothing to recover from: %w", g.path("master.recovery"), err)
@@ -110,7 +113,7 @@ to the master key opens again; master.pub does not change.`,
 			if pub, err := g.publicKey(); err == nil && pub.KID != m.KID() {
 				return fmt.Errorf("%w: master.recovery holds kid %s but master.pub is kid %s: restore both from the same backup", keystore.ErrIntegrity, m.KID(), pub.KID)
 			}
-			if err := g.installMaster(m, seed, pcrList); err != nil {
+			if err := g.installMaster(m, seed, pcrList, nil, false); err != nil {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "keyfs: master key %s resealed to this TPM\n", m.KID())

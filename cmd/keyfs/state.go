@@ -9,14 +9,27 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/keyfs/keyfs/internal/fileset"
 	"github.com/keyfs/keyfs/keystore"
 	"github.com/keyfs/keyfs/tpm"
 	"golang.org/x/term"
 )
 
-// The state directory: master.sealed (TPM blob), master.pub, optional
-// master.recovery (escrow), store/ (records), audit.log.
+// The state directory: master.sealed (TPM blob and SRK pin), master.pub,
+// optional master.recovery (escrow), store/ (records), audit.log. The
+// master files change together (fileset, journal master.next).
 func (g *globals) path(name string) string { return filepath.Join(g.state, name) }
+
+const masterJournal = "master.next"
+
+// settleMaster finishes or undoes a change of master that a crash cut
+// short; everything that reads a master file calls it first.
+func (g *globals) settleMaster() error {
+	if err := fileset.Settle(g.state, masterJournal); err != nil {
+		return fmt.Errorf("finish the interrupted change of master key in %s: %w", g.state, err)
+	}
+	return nil
+}
 
 func (g *globals) ensureState() error {
 	if err := os.MkdirAll(g.state, 0o700); err != nil {
@@ -26,6 +39,9 @@ func (g *globals) ensureState() error {
 }
 
 func (g *globals) store() (*keystore.Dir, error) {
+	if err := g.settleMaster(); err != nil {
+		return nil, err
+	}
 	if _, err := os.Stat(g.path("master.pub")); err != nil {
 		return nil, g.noState(err)
 	}
@@ -40,6 +56,9 @@ func (g *globals) noState(err error) error {
 }
 
 func (g *globals) publicKey() (*keystore.PublicKey, error) {
+	if err := g.settleMaster(); err != nil {
+		return nil, err
+	}
 	b, err := os.ReadFile(g.path("master.pub"))
 	if err != nil {
 		return nil, g.noState(err)
@@ -141,9 +160,11 @@ func (g *globals) readValue(prompt string, keepNewline bool) ([]byte, error) {
 }
 
 // installMaster seals seed (the seed of m) to the TPM, proves the blob
-// unseals, and writes master.pub and master.sealed: the last write is the
-// one that switches the state to the new seal.
-func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int) error {
+// unseals, and replaces master.sealed and master.pub, and with escrow
+// master.recovery, as one change: after a crash the old master is whole,
+// or the new one is. dropEscrow removes a master.recovery of the old
+// master instead.
+func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int, escrow []byte, dropEscrow bool) error {
 	t, err := g.openTPM()
 	if err != nil {
 		return err
@@ -166,10 +187,17 @@ func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int) 
 	if err != nil {
 		return err
 	}
-	if err := keystore.WriteFileAtomic(g.path("master.pub"), m.Public().Marshal(), 0o644); err != nil {
-		return err
+	files := []fileset.File{
+		{Name: "master.sealed", Data: sealed, Perm: 0o600},
+		{Name: "master.pub", Data: m.Public().Marshal(), Perm: 0o644},
 	}
-	return keystore.WriteFileAtomic(g.path("master.sealed"), sealed, 0o600)
+	switch {
+	case escrow != nil:
+		files = append(files, fileset.File{Name: "master.recovery", Data: escrow, Perm: 0o600})
+	case dropEscrow:
+		files = append(files, fileset.File{Name: "master.recovery", Remove: true})
+	}
+	return fileset.Commit(g.state, masterJournal, files)
 }
 
 // tenantsArg is every tenant in the store, or the one named on the command line.
