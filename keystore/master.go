@@ -5,7 +5,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"slices"
 	"sync"
+	"time"
 )
 
 // Suite names the one cipher suite keyfs uses: a post-quantum hybrid KEM,
@@ -66,7 +68,78 @@ type MasterKey struct {
 
 	mu   sync.Mutex
 	deks map[[32]byte][]byte // per-record data keys, by sha256(info, enc)
+
+	// The key ring: other masters whose records this one opens (older
+	// ones after a rotation), and how to find one it does not hold yet.
+	ringMu  sync.Mutex
+	ring    map[string]*MasterKey
+	fetch   func(kid string) (*MasterKey, error)
+	fetched map[string]time.Time // kid → last failed fetch
 }
+
+// Add keeps other opening the records sealed to it, through m; Close
+// closes it too.
+func (m *MasterKey) Add(other *MasterKey) {
+	m.ringMu.Lock()
+	defer m.ringMu.Unlock()
+	if other.KID() == m.KID() {
+		return
+	}
+	if m.ring == nil {
+		m.ring = map[string]*MasterKey{}
+	}
+	if old := m.ring[other.KID()]; old != nil && old != other {
+		old.Close()
+	}
+	m.ring[other.KID()] = other
+}
+
+// OnUnknownKID sets how m finds a master it does not hold when a record
+// sealed to it is opened (a daemon running while the master key rotates).
+// A kid that f cannot provide is not asked for again within a few seconds.
+func (m *MasterKey) OnUnknownKID(f func(kid string) (*MasterKey, error)) {
+	m.ringMu.Lock()
+	defer m.ringMu.Unlock()
+	m.fetch, m.fetched = f, map[string]time.Time{}
+}
+
+// KIDs lists the masters m opens records of: its own kid first.
+func (m *MasterKey) KIDs() []string {
+	m.ringMu.Lock()
+	defer m.ringMu.Unlock()
+	ks := make([]string, 0, len(m.ring))
+	for k := range m.ring {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return append([]string{m.KID()}, ks...)
+}
+
+// holder returns the master in m's ring sealed-to kid, fetching it once
+// if m has a way to.
+func (m *MasterKey) holder(kid string) *MasterKey {
+	m.ringMu.Lock()
+	defer m.ringMu.Unlock()
+	if o := m.ring[kid]; o != nil {
+		return o
+	}
+	if m.fetch == nil || time.Since(m.fetched[kid]) < fetchBackoff {
+		return nil
+	}
+	o, err := m.fetch(kid) // under ringMu: one fetch at a time
+	if err != nil || o == nil || o.KID() != kid {
+		m.fetched[kid] = time.Now()
+		return nil
+	}
+	if m.ring == nil {
+		m.ring = map[string]*MasterKey{}
+	}
+	m.ring[kid] = o
+	return o
+}
+
+// fetchBackoff spaces out fetches of a kid that could not be found.
+const fetchBackoff = 5 * time.Second
 
 // maxCachedDEKs bounds the data-key cache (32 bytes each).
 const maxCachedDEKs = 1 << 17
@@ -91,8 +164,14 @@ func (m *MasterKey) Public() *PublicKey { return m.pub }
 // KID is the master key's id.
 func (m *MasterKey) KID() string { return m.pub.KID }
 
-// Close wipes cached data keys and drops the private key.
+// Close wipes cached data keys and drops the private key, its ring's too.
 func (m *MasterKey) Close() {
+	m.ringMu.Lock()
+	for k, o := range m.ring {
+		o.Close()
+		delete(m.ring, k)
+	}
+	m.ringMu.Unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for k, v := range m.deks {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -16,11 +17,19 @@ const MaxValueSize = 64 << 10
 // ErrKIDMismatch marks a record sealed to another master key.
 var ErrKIDMismatch = errors.New("record sealed to another master key")
 
-// KIDMismatchError says which key a record wants and which one is here.
-type KIDMismatchError struct{ Record, Have string }
+// KIDMismatchError says which key a record wants and which one is here,
+// with the older masters of the ring, if any.
+type KIDMismatchError struct {
+	Record, Have string
+	Older        []string
+}
 
 func (e *KIDMismatchError) Error() string {
-	return fmt.Sprintf("sealed to kid %s, this node holds kid %s: reseal the value with this node's public key (keyfs pubkey)", e.Record, e.Have)
+	also := ""
+	if len(e.Older) > 0 {
+		also = " (and older kid " + strings.Join(e.Older, ", ") + ")"
+	}
+	return fmt.Sprintf("sealed to kid %s, this node holds kid %s%s: reseal the value with this node's public key (keyfs pubkey)", e.Record, e.Have, also)
 }
 
 func (e *KIDMismatchError) Is(target error) bool {
@@ -84,6 +93,22 @@ func Seal(pub *PublicKey, tenant, name string, version uint64, value []byte) (*R
 	if version == 0 {
 		return nil, fmt.Errorf("%w: version must be at least 1", ErrInvalidValue)
 	}
+	return seal(pub, tenant, name, version, time.Now(), value)
+}
+
+// Reseal re-encrypts r's value to the master public key to, keeping its
+// tenant, name, version and creation time: the same value under another
+// master, for a rotation. ring must open r.
+func Reseal(ring *MasterKey, to *PublicKey, r *Record) (*Record, error) {
+	v, err := ring.Open(r, r.Tenant, r.Name)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(v)
+	return seal(to, r.Tenant, r.Name, r.Version, r.Created, v)
+}
+
+func seal(pub *PublicKey, tenant, name string, version uint64, created time.Time, value []byte) (*Record, error) {
 	enc, s, err := hpke.NewSender(pub.pub, hpke.HKDFSHA256(), hpke.ExportOnly(), recordInfo(tenant, name))
 	if err != nil {
 		return nil, fmt.Errorf("seal %s/%s: %w", tenant, name, err)
@@ -93,7 +118,7 @@ func Seal(pub *PublicKey, tenant, name string, version uint64, value []byte) (*R
 		return nil, fmt.Errorf("seal %s/%s: %w", tenant, name, err)
 	}
 	defer clear(dek)
-	r := &Record{KID: pub.KID, Tenant: tenant, Name: name, Version: version, Created: time.Now().UTC().Truncate(time.Second), enc: enc}
+	r := &Record{KID: pub.KID, Tenant: tenant, Name: name, Version: version, Created: created.UTC().Truncate(time.Second), enc: enc}
 	g, err := newGCM(dek)
 	if err != nil {
 		return nil, err
@@ -183,7 +208,11 @@ func (m *MasterKey) Open(r *Record, tenant, name string) ([]byte, error) {
 		return nil, fmt.Errorf("%w: record for %s/%s is stored as %s/%s: records cannot be moved or renamed; reseal the value for %s/%s", ErrIntegrity, r.Tenant, r.Name, tenant, name, tenant, name)
 	}
 	if r.KID != m.pub.KID {
-		return nil, &KIDMismatchError{Record: r.KID, Have: m.pub.KID}
+		if o := m.holder(r.KID); o != nil {
+			return o.Open(r, tenant, name)
+		}
+		ks := m.KIDs()
+		return nil, &KIDMismatchError{Record: r.KID, Have: ks[0], Older: ks[1:]}
 	}
 	// r's tenant and name equal the expected ones (checked above), so the
 	// id and additional data derived from its headers are the right ones.

@@ -227,6 +227,30 @@ func (d *Dir) Import(r *Record) error {
 	})
 }
 
+// Replace swaps the stored file of r's version for r: a reseal of the
+// same value to another master (see Reseal). Readers see the old record
+// or the new one; both hold the same value.
+func (d *Dir) Replace(r *Record) error {
+	return d.locked(func() error {
+		vs, err := d.Versions(r.Tenant, r.Name)
+		if err != nil {
+			return err
+		}
+		i := slices.IndexFunc(vs, func(e Entry) bool { return e.Version == r.Version })
+		if i < 0 {
+			return fmt.Errorf("%w: no version %d of %s/%s to replace", ErrNotFound, r.Version, r.Tenant, r.Name)
+		}
+		if err := WriteFileAtomic(vs[i].Path, r.Marshal(), 0o600); err != nil {
+			return fmt.Errorf("replace %s/%s version %d: %w", r.Tenant, r.Name, r.Version, err)
+		}
+		return d.bumpGen()
+	})
+}
+
+// AllVersions lists every stored version of tenant's keys, newest first
+// per name.
+func (d *Dir) AllVersions(tenant string) ([]Entry, error) { return d.versions(tenant) }
+
 // ErrConflict marks a write that would overwrite or go back in versions.
 var ErrConflict = errors.New("conflict")
 

@@ -4,7 +4,9 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -213,8 +215,9 @@ func importCmd(g *globals) *cobra.Command {
 		Use:   "import FILE...",
 		Short: "Store records made with keyfs seal",
 		Long: `import checks every record before storing any: it must parse, be sealed to
-this state's master key, and (unless --no-verify) open with the master key
-unsealed from the TPM. One bad record stores nothing.`,
+this state's master key or an older master of its ring, and (unless
+--no-verify) open with the master key unsealed from the TPM. One bad record
+stores nothing.`,
 		Args: args(cobra.MinimumNArgs(1)),
 		RunE: func(_ *cobra.Command, files []string) error {
 			pub, err := g.publicKey()
@@ -222,6 +225,12 @@ unsealed from the TPM. One bad record stores nothing.`,
 				return err
 			}
 			d, err := g.store()
+			if err != nil {
+				return err
+			}
+			// Records sealed offline to an older master of the ring are
+			// accepted while it is in the ring.
+			ring, err := g.ringPublicKeys()
 			if err != nil {
 				return err
 			}
@@ -242,8 +251,8 @@ unsealed from the TPM. One bad record stores nothing.`,
 				if err != nil {
 					return fmt.Errorf("%s: %w", f, err)
 				}
-				if r.KID != pub.KID {
-					return fmt.Errorf("%s: %w", f, &keystore.KIDMismatchError{Record: r.KID, Have: pub.KID})
+				if r.KID != pub.KID && ring[r.KID] == nil {
+					return fmt.Errorf("%s: %w", f, &keystore.KIDMismatchError{Record: r.KID, Have: pub.KID, Older: slices.Sorted(maps.Keys(ring))})
 				}
 				if m != nil {
 					v, err := m.Open(r, r.Tenant, r.Name)

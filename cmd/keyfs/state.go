@@ -70,25 +70,73 @@ func (g *globals) publicKey() (*keystore.PublicKey, error) {
 	return p, nil
 }
 
-// unseal opens the TPM and returns the master key; the caller closes it.
+// unseal opens the TPM and returns the master key with its ring (the
+// older masters a rotation kept); the caller closes it. A master added
+// while the key lives (a rotation under a running daemon) is unsealed when
+// a record sealed to it is first opened.
 func (g *globals) unseal() (*keystore.MasterKey, error) {
 	pub, err := g.publicKey()
 	if err != nil {
 		return nil, err
-	}
-	b, err := os.ReadFile(g.path("master.sealed"))
-	if err != nil {
-		return nil, g.noState(err)
-	}
-	blob, err := tpm.ParseBlob(b)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w: %w", g.path("master.sealed"), keystore.ErrIntegrity, err)
 	}
 	t, err := g.openTPM()
 	if err != nil {
 		return nil, err
 	}
 	defer t.Close()
+	m, err := g.unsealFile(t, "master.sealed", pub.KID)
+	if err != nil {
+		return nil, err
+	}
+	older, err := g.ringKIDs()
+	if err != nil {
+		m.Close()
+		return nil, err
+	}
+	for _, kid := range older {
+		o, err := g.unsealFile(t, ringFile(kid, "sealed"), kid)
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("older master %s: %w", kid, err)
+		}
+		m.Add(o)
+	}
+	m.OnUnknownKID(g.fetchMaster)
+	return m, nil
+}
+
+// fetchMaster unseals master kid from the state as it is now: the current
+// master after a rotation, or an older one of the ring.
+func (g *globals) fetchMaster(kid string) (*keystore.MasterKey, error) {
+	name := ringFile(kid, "sealed")
+	if pub, err := g.publicKey(); err == nil && pub.KID == kid {
+		name = "master.sealed"
+	} else if _, err := os.Stat(g.path(name)); err != nil {
+		return nil, err // not a master of this state
+	}
+	t, err := g.openTPM()
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	m, err := g.unsealFile(t, name, kid)
+	if err == nil {
+		g.info(fmt.Sprintf("master key %s unsealed: a record sealed to it was opened (a rotation since this process started)", kid))
+	}
+	return m, err
+}
+
+// unsealFile unseals the master seed in the TPM blob file name and checks
+// that it derives master kid.
+func (g *globals) unsealFile(t *tpm.TPM, name, kid string) (*keystore.MasterKey, error) {
+	b, err := os.ReadFile(g.path(name))
+	if err != nil {
+		return nil, g.noState(err)
+	}
+	blob, err := tpm.ParseBlob(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w: %w", g.path(name), keystore.ErrIntegrity, err)
+	}
 	unpinned := blob.SRKName == nil
 	seed, err := t.Unseal(blob)
 	if err != nil {
@@ -96,32 +144,32 @@ func (g *globals) unseal() (*keystore.MasterKey, error) {
 	}
 	defer clear(seed)
 	if unpinned {
-		g.pinSRK(blob)
+		g.pinSRK(name, blob)
 	}
 	m, err := keystore.NewMasterKey(seed)
 	if err != nil {
 		return nil, err
 	}
-	if m.KID() != pub.KID {
+	if m.KID() != kid {
 		m.Close()
-		return nil, fmt.Errorf("%w: master.sealed holds kid %s but master.pub is kid %s: the state directory mixes two masters; restore both files from the same backup",
-			keystore.ErrIntegrity, m.KID(), pub.KID)
+		return nil, fmt.Errorf("%w: %s holds kid %s but its public key is kid %s: the state directory mixes two masters; restore both files from the same backup",
+			keystore.ErrIntegrity, name, m.KID(), kid)
 	}
 	return m, nil
 }
 
 // pinSRK saves a blob written before SRK pinning with the SRK it just
 // unsealed under, so every later unseal checks the TPM's storage key first.
-func (g *globals) pinSRK(blob *tpm.Blob) {
+func (g *globals) pinSRK(name string, blob *tpm.Blob) {
 	text, err := blob.MarshalText()
 	if err == nil {
-		err = keystore.WriteFileAtomic(g.path("master.sealed"), text, 0o600)
+		err = keystore.WriteFileAtomic(g.path(name), text, 0o600)
 	}
 	if err != nil {
-		g.warn(fmt.Sprintf("master.sealed predates SRK pinning and could not be upgraded (%v); it unseals, but the TPM's storage key is not checked", err))
+		g.warn(fmt.Sprintf("%s predates SRK pinning and could not be upgraded (%v); it unseals, but the TPM's storage key is not checked", name, err))
 		return
 	}
-	g.info(fmt.Sprintf("master.sealed predated SRK pinning: it now pins this TPM's storage key %x", blob.SRKName))
+	g.info(fmt.Sprintf("%s predated SRK pinning: it now pins this TPM's storage key %x", name, blob.SRKName))
 }
 
 // readValue reads a value from stdin: hidden input on a terminal, else the
@@ -164,7 +212,7 @@ func (g *globals) readValue(prompt string, keepNewline bool) ([]byte, error) {
 // master.recovery, as one change: after a crash the old master is whole,
 // or the new one is. dropEscrow removes a master.recovery of the old
 // master instead.
-func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int, escrow []byte, dropEscrow bool) error {
+func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int, escrow []byte, dropEscrow bool, also ...fileset.File) error {
 	t, err := g.openTPM()
 	if err != nil {
 		return err
@@ -197,7 +245,7 @@ func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int, 
 	case dropEscrow:
 		files = append(files, fileset.File{Name: "master.recovery", Remove: true})
 	}
-	return fileset.Commit(g.state, masterJournal, files)
+	return fileset.Commit(g.state, masterJournal, append(files, also...))
 }
 
 // tenantsArg is every tenant in the store, or the one named on the command line.
