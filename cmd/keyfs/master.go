@@ -68,20 +68,20 @@ func (g *globals) ringPublicKeys() (map[string]*keystore.PublicKey, error) {
 	return out, nil
 }
 
-// auditLifecycle records a change of master on the state's audit trail.
-func (g *globals) auditLifecycle(ev audit.Event) {
+// auditLifecycle records changes of master on the state's audit trail,
+// as this process and user.
+func (g *globals) auditLifecycle(evs ...audit.Event) {
 	al, err := g.openAudit("")
 	if err != nil {
-		g.warn(fmt.Sprintf("cannot write the audit event %q: %v", ev.Event, err))
+		g.warn(fmt.Sprintf("cannot write %d audit events: %v", len(evs), err))
 		return
 	}
 	defer al.Close()
-	if ev.PID == 0 {
-		ev.PID = os.Getpid()
-	}
 	uid := uint32(os.Getuid())
-	ev.UID = &uid
-	al.Log(ev)
+	for _, ev := range evs {
+		ev.PID, ev.UID = os.Getpid(), &uid
+		al.Log(ev)
+	}
 }
 
 func masterCmd(g *globals) *cobra.Command {
@@ -278,6 +278,8 @@ kept in Git.`,
 				return err
 			}
 			n, same := 0, 0
+			var evs []audit.Event
+			defer func() { g.auditLifecycle(evs...) }() // what was resealed, also on an error
 			for _, t := range ts {
 				es, err := d.AllVersions(t)
 				if err != nil {
@@ -299,7 +301,7 @@ kept in Git.`,
 					if err := d.Replace(nr); err != nil {
 						return err
 					}
-					g.auditLifecycle(audit.Event{Event: "reseal", Tenant: e.Tenant, Key: e.Name, Version: e.Version,
+					evs = append(evs, audit.Event{Event: "reseal", Tenant: e.Tenant, Key: e.Name, Version: e.Version,
 						Reason: fmt.Sprintf("kid %s -> %s", r.KID, pub.KID)})
 					n++
 				}
