@@ -301,7 +301,7 @@ kept in Git.`,
 					if err := d.Replace(nr); err != nil {
 						return err
 					}
-					evs = append(evs, audit.Event{Event: "reseal", Tenant: e.Tenant, Key: e.Name, Version: e.Version,
+					evs = append(evs, audit.Event{Time: time.Now().UTC(), Event: "reseal", Tenant: e.Tenant, Key: e.Name, Version: e.Version,
 						Reason: fmt.Sprintf("kid %s -> %s", r.KID, pub.KID)})
 					n++
 				}
