@@ -40,7 +40,12 @@ type Config struct {
 	Store keystore.Store      // required: the daemon's shared index
 	Key   *keystore.MasterKey // required
 	Audit *audit.Logger       // nil: no audit trail
-	Log   *slog.Logger        // nil: slog.Default()
+	// AuditRequired fails opens whose audit event cannot be written.
+	AuditRequired bool
+	// ReadsOwnMounts is for tests and benchmarks that read the volumes
+	// from the driver's own process (fusefs.Options.ReadsOwnMount).
+	ReadsOwnMounts bool
+	Log            *slog.Logger // nil: slog.Default()
 	// Policy decides which tenants a pod may see; nil means the default
 	// rule (tenant == namespace) and no policy file.
 	Policy *Policy
@@ -87,6 +92,8 @@ type Driver struct {
 	store                 keystore.Store
 	key                   *keystore.MasterKey
 	audit                 *audit.Logger
+	auditRequired         bool
+	readsOwnMounts        bool
 	log                   *slog.Logger
 	policy                *Policy
 	m                     *metrics
@@ -142,20 +149,22 @@ func New(c Config) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{
-		name:       c.Name,
-		version:    c.Version,
-		nodeID:     c.NodeID,
-		kubeletDir: filepath.Clean(c.KubeletDir),
-		stateDir:   c.StateDir,
-		store:      c.Store,
-		key:        c.Key,
-		audit:      c.Audit,
-		log:        c.Log,
-		policy:     c.Policy,
-		m:          m,
-		mount:      fuseMount,
-		vols:       map[string]*volume{},
-		targets:    map[string]string{},
+		name:           c.Name,
+		version:        c.Version,
+		nodeID:         c.NodeID,
+		kubeletDir:     filepath.Clean(c.KubeletDir),
+		stateDir:       c.StateDir,
+		store:          c.Store,
+		key:            c.Key,
+		audit:          c.Audit,
+		auditRequired:  c.AuditRequired,
+		readsOwnMounts: c.ReadsOwnMounts,
+		log:            c.Log,
+		policy:         c.Policy,
+		m:              m,
+		mount:          fuseMount,
+		vols:           map[string]*volume{},
+		targets:        map[string]string{},
 	}
 	d.unsub = c.Policy.subscribe(d.Refresh)
 	return d, nil

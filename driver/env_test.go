@@ -89,7 +89,7 @@ func newEnv(t *testing.T, c envConfig) *env {
 	e.reg = prometheus.NewRegistry()
 	e.drv, err = New(Config{
 		Version: "test", NodeID: "node-1", KubeletDir: e.kubelet, StateDir: e.state,
-		Store: e.index, Key: e.key, Audit: al, Log: testLogger(t), Policy: e.policy, Registry: e.reg,
+		Store: e.index, Key: e.key, Audit: al, Log: testLogger(t), Policy: e.policy, Registry: e.reg, ReadsOwnMounts: true,
 	})
 	if err != nil {
 		t.Fatal(err)

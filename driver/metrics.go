@@ -7,6 +7,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/keystore"
 )
 
@@ -72,7 +73,7 @@ func (m *metrics) onRead(tenant string, d time.Duration, err error) {
 	switch {
 	case err == nil:
 		m.reads.WithLabelValues(tenant).Inc()
-	case !errors.Is(err, keystore.ErrNotFound):
+	case !errors.Is(err, keystore.ErrNotFound) && !errors.Is(err, fusefs.ErrAuditFailed):
 		m.decryptErrors.WithLabelValues(tenant).Inc()
 	}
 }

@@ -59,7 +59,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, r *csi.NodePublishVolume
 		var de *DeniedError
 		errors.As(err, &de)
 		d.m.denials.WithLabelValues("tenant_not_granted").Inc()
-		ev := podEvent("deny", req.pod, req.volumeID)
+		ev := d.podEvent("deny", req.pod, req.volumeID)
 		ev.Tenant, ev.Reason = de.Tenant, err.Error()
 		d.audit.Log(ev)
 		d.log.Warn("publish denied", "volume", req.volumeID, "namespace", req.pod.Namespace, "pod", req.pod.Name, "service_account", req.pod.ServiceAccount, "tenant", de.Tenant)
@@ -85,7 +85,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, r *csi.NodePublishVolume
 	}
 	published = true
 	d.m.publishes.Inc()
-	ev := podEvent("publish", req.pod, req.volumeID)
+	ev := d.podEvent("publish", req.pod, req.volumeID)
 	if len(req.params.Tenants) == 1 {
 		ev.Tenant = req.params.Tenants[0]
 	}
@@ -147,10 +147,12 @@ func (d *Driver) mountOptions(rec volumeRecord, params volumeParams) fusefs.Opti
 	}
 	policy := d.policy
 	return fusefs.Options{
-		Store: d.store,
-		Key:   d.key,
-		Audit: d.audit,
-		Log:   d.log,
+		Store:         d.store,
+		Key:           d.key,
+		Audit:         d.audit,
+		AuditRequired: d.auditRequired,
+		ReadsOwnMount: d.readsOwnMounts,
+		Log:           d.log,
 		// Re-checked on every lookup and poll, so a revoked grant hides
 		// the tenant and, with "*", a new grant shows it.
 		Allow: func(t string) bool {
@@ -160,7 +162,7 @@ func (d *Driver) mountOptions(rec volumeRecord, params volumeParams) fusefs.Opti
 		UID:      params.UID,
 		GID:      params.GID,
 		FileMode: params.Mode,
-		Pod:      podEvent("", pod, rec.VolumeID),
+		Pod:      d.podEvent("", pod, rec.VolumeID),
 		OnRead:   d.m.onRead,
 	}
 }
@@ -296,7 +298,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, r *csi.NodeUnpublishVo
 	}
 	d.release(target, id)
 	d.m.unpublishes.Inc()
-	d.audit.Log(podEvent("unpublish", pod, id))
+	d.audit.Log(d.podEvent("unpublish", pod, id))
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 
@@ -320,7 +322,7 @@ func (d *Driver) unmountView(v *volume) error {
 	return nil
 }
 
-func podEvent(event string, pod podIdentity, volumeID string) audit.Event {
+func (d *Driver) podEvent(event string, pod podIdentity, volumeID string) audit.Event {
 	return audit.Event{
 		Event:          event,
 		PodNamespace:   pod.Namespace,
@@ -328,6 +330,7 @@ func podEvent(event string, pod podIdentity, volumeID string) audit.Event {
 		PodUID:         pod.UID,
 		ServiceAccount: pod.ServiceAccount,
 		Volume:         volumeID,
+		Node:           d.nodeID,
 	}
 }
 

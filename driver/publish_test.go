@@ -368,7 +368,7 @@ func TestUnpublishLeftoverMount(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A mount this driver does not know, as a previous daemon leaves it.
-	srv, err := fusefs.Mount(tgt, fusefs.Options{Store: e.index, Key: e.key, Log: testLogger(t)})
+	srv, err := fusefs.Mount(tgt, fusefs.Options{Store: e.index, Key: e.key, Log: testLogger(t), ReadsOwnMount: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"log"
 	"log/slog"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -30,7 +31,10 @@ type Options struct {
 	Store keystore.Store
 	Key   *keystore.MasterKey
 	Audit *audit.Logger // nil: no audit trail
-	Log   *slog.Logger  // nil: slog.Default()
+	// AuditRequired fails an open (EIO) whose audit event cannot be
+	// written, instead of serving it unrecorded.
+	AuditRequired bool
+	Log           *slog.Logger // nil: slog.Default()
 
 	// Allow says whether a tenant is visible; nil allows every tenant. It
 	// is called on lookup, readdir, open and every store change; when its
@@ -42,6 +46,10 @@ type Options struct {
 
 	UID, GID uint32
 	FileMode uint32 // read bits of key files (ParseFileMode's rule); 0 means 0444
+
+	// ReadsOwnMount is for tests and benchmarks whose process reads the
+	// mount it serves; see Mount. Daemons leave it false.
+	ReadsOwnMount bool
 
 	// Pod identifies the pod this mount serves; its pod fields are
 	// stamped on every audit event. With PodUID empty the caller's pod is
@@ -56,6 +64,10 @@ type Options struct {
 
 	debugLog *log.Logger // tests: trace FUSE traffic
 }
+
+// ErrAuditFailed marks an open refused because its audit event could not
+// be written (Options.AuditRequired).
+var ErrAuditFailed = errors.New("audit event not written")
 
 // cacheTimeout is how long the kernel may trust entries and attributes.
 // It is long because every change is pushed to the kernel by notify;
@@ -133,6 +145,7 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		// No NegativeTimeout: a name that appears needs no notification.
 		NullPermissions: true,
 	})
+	before := fuseFDs()
 	srv, err := fuse.NewServer(readOnly{raw}, mountpoint, &fuse.MountOptions{
 		AllowOther: true, // pods run as other uids
 		FsName:     "keyfs",
@@ -149,15 +162,32 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
-	closeOnExecFUSE()
+	for _, fd := range fuseFDs() {
+		// go-fuse's direct mount opens /dev/fuse without O_CLOEXEC; a
+		// child started later would inherit the connection and keep a
+		// killed server's mount hanging instead of failing with ENOTCONN.
+		if !slices.Contains(before, fd) {
+			syscall.CloseOnExec(fd)
+		}
+	}
 	s.fuse = srv
 	go func() {
 		srv.Serve()
 		close(s.served)
 	}()
-	if err := srv.WaitMount(); err != nil {
-		srv.Unmount()
-		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	// The direct mount and INIT are done when NewServer returns; all
+	// WaitMount adds is go-fuse's poll hack, which opens a file on the mount
+	// from this process, so that the Go runtime's poller in this process
+	// cannot starve the server when this process reads the mount too. A
+	// daemon never does, and must not run the hack: killed while the file
+	// is open, the process may close it before /dev/fuse as it exits, and
+	// its FLUSH then waits forever for a server that is the dying process
+	// itself (an unkillable process and a hung mount).
+	if o.ReadsOwnMount {
+		if err := srv.WaitMount(); err != nil {
+			srv.Unmount()
+			return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+		}
 	}
 	s.watching.Add(1)
 	go s.watch()
@@ -327,24 +357,23 @@ func CleanStale(mountpoint string) (bool, error) {
 	return true, nil
 }
 
-// closeOnExecFUSE marks this process's /dev/fuse descriptors close-on-exec.
-// go-fuse's direct mount opens /dev/fuse without O_CLOEXEC; a child
-// started later would inherit the connection and keep a killed server's
-// mount hanging instead of failing with ENOTCONN.
-func closeOnExecFUSE() {
+// fuseFDs lists this process's /dev/fuse descriptors.
+func fuseFDs() []int {
 	des, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
-		return
+		return nil
 	}
+	var fds []int
 	for _, de := range des {
 		fd, err := strconv.Atoi(de.Name())
 		if err != nil {
 			continue
 		}
 		if target, err := os.Readlink("/proc/self/fd/" + de.Name()); err == nil && target == "/dev/fuse" {
-			syscall.CloseOnExec(fd)
+			fds = append(fds, fd)
 		}
 	}
+	return fds
 }
 
 // ParseFileMode parses an octal file mode for a view's keys: read bits

@@ -88,7 +88,7 @@ func (e *env) mount(o Options) (*Server, string) {
 	if o.Store == nil {
 		o.Store = e.index
 	}
-	o.Key = e.key
+	o.Key, o.ReadsOwnMount = e.key, true
 	if o.Audit == nil {
 		o.Audit = e.log
 	}
@@ -135,7 +135,7 @@ func TestMountRefusesWritableMode(t *testing.T) {
 	e.put("acme", "openai", "v")
 	mnt := t.TempDir()
 	for _, mode := range []uint32{0o644, 0o555, 0o1444, 0o10444} {
-		s, err := Mount(mnt, Options{Store: e.index, Key: e.key, FileMode: mode})
+		s, err := Mount(mnt, Options{Store: e.index, Key: e.key, FileMode: mode, ReadsOwnMount: true})
 		if err == nil {
 			unmount(t, s, mnt)
 			t.Errorf("Mount with mode %#o succeeded", mode)
@@ -447,7 +447,7 @@ func TestMountOptions(t *testing.T) {
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	s, err := Mount(mnt, Options{Store: e.index, Key: e.key})
+	s, err := Mount(mnt, Options{Store: e.index, Key: e.key, ReadsOwnMount: true})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -192,7 +192,10 @@ func (k *keyNode) open(ctx context.Context) (*handle, error) {
 		s.log.Error("cannot open key", "tenant", k.tenant, "key", k.name, "version", v.Version, "pid", ev.PID, "err", err)
 		return nil, err
 	}
-	s.o.Audit.Log(ev)
+	if aerr := s.o.Audit.Log(ev); aerr != nil && s.o.AuditRequired {
+		clear(pt)
+		return nil, fmt.Errorf("%w: %w", ErrAuditFailed, aerr)
+	}
 	return &handle{v: v, rec: rec, pt: pt, key: s.o.Key}, nil
 }
 

@@ -1,9 +1,12 @@
 package keystore
 
 import (
+	"crypto/hkdf"
+	"crypto/hmac"
 	"crypto/hpke"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -63,8 +66,9 @@ func parsePublicKeyAs(data []byte, kind string) (*PublicKey, error) {
 // MasterKey is the unsealed master private key. It lives only in the
 // daemon's memory; Close drops it and wipes the data keys it cached.
 type MasterKey struct {
-	priv hpke.PrivateKey
-	pub  *PublicKey
+	priv     hpke.PrivateKey
+	pub      *PublicKey
+	auditKey []byte // HMAC key for audit checkpoints, derived from the seed
 
 	mu   sync.Mutex
 	deks map[[32]byte][]byte // per-record data keys, by sha256(info, enc)
@@ -155,7 +159,36 @@ func NewMasterKey(seed []byte) (*MasterKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("derive master key: %w", err)
 	}
-	return &MasterKey{priv: priv, pub: newPublicKey(priv.PublicKey()), deks: map[[32]byte][]byte{}}, nil
+	ak, err := hkdf.Key(sha256.New, seed, nil, auditKeyInfo, 32)
+	if err != nil {
+		return nil, fmt.Errorf("derive audit key: %w", err)
+	}
+	return &MasterKey{priv: priv, pub: newPublicKey(priv.PublicKey()), auditKey: ak, deks: map[[32]byte][]byte{}}, nil
+}
+
+const auditKeyInfo = "keyfs audit checkpoint key v1"
+
+// AuditMAC authenticates msg (an audit checkpoint) with a key only this
+// master's seed derives.
+func (m *MasterKey) AuditMAC(msg []byte) []byte {
+	h := hmac.New(sha256.New, m.auditKey)
+	h.Write(msg)
+	return h.Sum(nil)
+}
+
+// CheckAuditMAC checks an audit checkpoint MAC made by master kid: this
+// one or one of its ring.
+func (m *MasterKey) CheckAuditMAC(kid string, msg, mac []byte) error {
+	k := m
+	if kid != m.KID() {
+		if k = m.holder(kid); k == nil {
+			return fmt.Errorf("made by master key %s, which this node does not hold (retired, or another node's)", kid)
+		}
+	}
+	if !hmac.Equal(mac, k.AuditMAC(msg)) {
+		return errors.New("its MAC is wrong")
+	}
+	return nil
 }
 
 // Public returns the master public key.
@@ -178,6 +211,7 @@ func (m *MasterKey) Close() {
 		clear(v)
 		delete(m.deks, k)
 	}
+	clear(m.auditKey)
 	m.priv = nil
 }
 

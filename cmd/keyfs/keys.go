@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/keystore"
 	"github.com/keyfs/keyfs/tpm"
 	"github.com/spf13/cobra"
@@ -63,6 +64,10 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 			if err := g.ensureState(); err != nil {
 				return err
 			}
+			replaced := ""
+			if p, err := g.publicKey(); err == nil {
+				replaced = "; replaced kid " + p.KID
+			}
 			seed := make([]byte, keystore.SeedSize)
 			defer clear(seed)
 			rand.Read(seed)
@@ -82,6 +87,11 @@ With --recovery-pub the seed is also sealed to an offline recovery key
 			if err := g.installMaster(m, seed, pcrList, esc, recovery == nil); err != nil {
 				return err
 			}
+			how := "pcrs " + pcrs
+			if recovery != nil {
+				how += ", escrowed to recovery kid " + recovery.KID
+			}
+			g.auditLifecycle(m, audit.Event{Event: "init", KID: m.KID(), Reason: how + replaced})
 			fmt.Fprintf(os.Stderr, "keyfs: master key sealed to the TPM in %s", time.Since(start).Round(time.Millisecond))
 			if len(pcrList) > 0 {
 				fmt.Fprintf(os.Stderr, " (bound to PCRs %s)", pcrs)
@@ -201,6 +211,7 @@ func putCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			g.auditLifecycle(nil, audit.Event{Event: "put", Tenant: tenant, Key: name, Version: r.Version, KID: r.KID})
 			fmt.Fprintf(os.Stderr, "keyfs: stored %s/%s version %d (%d bytes, kid %s)\n", tenant, name, r.Version, r.Size(), r.KID)
 			return nil
 		},
@@ -263,10 +274,14 @@ stores nothing.`,
 				}
 				recs = append(recs, r)
 			}
+			var evs []audit.Event
+			defer func() { g.auditLifecycle(m, evs...) }() // what was stored, also on an error
 			for i, r := range recs {
 				if err := d.Import(r); err != nil {
 					return fmt.Errorf("%s: %w", files[i], err)
 				}
+				evs = append(evs, audit.Event{Time: time.Now().UTC(), Event: "import", Tenant: r.Tenant, Key: r.Name, Version: r.Version, KID: r.KID,
+					Reason: "from " + files[i]})
 				fmt.Fprintf(os.Stderr, "keyfs: imported %s/%s version %d\n", r.Tenant, r.Name, r.Version)
 			}
 			return nil
@@ -335,9 +350,12 @@ func rmCmd(g *globals) *cobra.Command {
 				return err
 			}
 			vs := make([]string, len(removed))
+			var evs []audit.Event
 			for i, v := range removed {
 				vs[i] = fmt.Sprint(v)
+				evs = append(evs, audit.Event{Event: "rm", Tenant: tenant, Key: name, Version: v})
 			}
+			g.auditLifecycle(nil, evs...)
 			fmt.Fprintf(os.Stderr, "keyfs: removed %s version %s", a[0], strings.Join(vs, ", "))
 			if e, err := d.Newest(tenant, name); err == nil {
 				fmt.Fprintf(os.Stderr, "; version %d is now current (use --all-versions to remove the key)", e.Version)

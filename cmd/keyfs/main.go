@@ -77,6 +77,8 @@ type globals struct {
 	// their final error included, goes through it. Other commands write
 	// plain "keyfs: ..." lines.
 	log *slog.Logger
+	// command is the running subcommand ("keyfs put"), for the audit trail.
+	command string
 }
 
 // info says what a command did along the way, through the daemon's log
@@ -121,6 +123,7 @@ never from arguments, and are never printed or logged.`,
 	}
 	root.PersistentFlags().StringVar(&g.state, "state", envOr("KEYFS_STATE", "/var/lib/keyfs"), "state directory (env KEYFS_STATE)")
 	root.PersistentFlags().StringVar(&g.tpm, "tpm", envOr("KEYFS_TPM", tpm.DefaultDevice), "TPM: a device path, swtpm:HOST:PORT, or sim (test builds only) (env KEYFS_TPM)")
+	root.PersistentPreRun = func(c *cobra.Command, _ []string) { g.command = c.CommandPath() }
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see %s --help)", err, c.CommandPath())}
 	})

@@ -68,19 +68,37 @@ func (g *globals) ringPublicKeys() (map[string]*keystore.PublicKey, error) {
 	return out, nil
 }
 
-// auditLifecycle records changes of master on the state's audit trail,
-// as this process and user.
-func (g *globals) auditLifecycle(evs ...audit.Event) {
+// lifecycleEvent stamps an event with who and where: this process, its
+// user and command, and the node.
+func (g *globals) lifecycleEvent(ev audit.Event) audit.Event {
+	uid := uint32(os.Getuid())
+	ev.PID, ev.UID, ev.Command = os.Getpid(), &uid, g.command
+	ev.Node, _ = os.Hostname()
+	return ev
+}
+
+// auditLifecycle records lifecycle events on the state's audit trail. A
+// command that unsealed the master (m) anchors them with a checkpoint.
+func (g *globals) auditLifecycle(m *keystore.MasterKey, evs ...audit.Event) {
+	if len(evs) == 0 {
+		return
+	}
 	al, err := g.openAudit("")
 	if err != nil {
 		g.warn(fmt.Sprintf("cannot write %d audit events: %v", len(evs), err))
 		return
 	}
-	defer al.Close()
-	uid := uint32(os.Getuid())
+	if m != nil {
+		al.SetCheckpointer(m)
+	}
+	failed := 0
 	for _, ev := range evs {
-		ev.PID, ev.UID = os.Getpid(), &uid
-		al.Log(ev)
+		if al.Log(g.lifecycleEvent(ev)) != nil {
+			failed++
+		}
+	}
+	if err := al.Close(); err != nil || failed > 0 {
+		g.warn(fmt.Sprintf("%d of %d audit events not written (%v)", failed, len(evs), err))
 	}
 }
 
@@ -228,7 +246,7 @@ files is one step: a crash leaves the old ring or the new one.`,
 			if err := g.installMaster(m, seed, pcrList, esc, recovery == nil, keep...); err != nil {
 				return err
 			}
-			g.auditLifecycle(audit.Event{Event: "rotate", Reason: fmt.Sprintf("kid %s -> %s", old.KID, m.KID())})
+			g.auditLifecycle(m, audit.Event{Event: "rotate", KID: m.KID(), Reason: fmt.Sprintf("kid %s -> %s", old.KID, m.KID())})
 			fmt.Fprintf(os.Stderr, "keyfs: new master key %s; %s stays in the ring and opens its records. Next: keyfs master reseal, then keyfs master retire %s\n",
 				m.KID(), old.KID, old.KID)
 			fmt.Fprintln(g.stdout, m.KID())
@@ -279,7 +297,7 @@ kept in Git.`,
 			}
 			n, same := 0, 0
 			var evs []audit.Event
-			defer func() { g.auditLifecycle(evs...) }() // what was resealed, also on an error
+			defer func() { g.auditLifecycle(ring, evs...) }() // what was resealed, also on an error
 			for _, t := range ts {
 				es, err := d.AllVersions(t)
 				if err != nil {
@@ -301,7 +319,7 @@ kept in Git.`,
 					if err := d.Replace(nr); err != nil {
 						return err
 					}
-					evs = append(evs, audit.Event{Time: time.Now().UTC(), Event: "reseal", Tenant: e.Tenant, Key: e.Name, Version: e.Version,
+					evs = append(evs, audit.Event{Time: time.Now().UTC(), Event: "reseal", Tenant: e.Tenant, Key: e.Name, Version: e.Version, KID: pub.KID,
 						Reason: fmt.Sprintf("kid %s -> %s", r.KID, pub.KID)})
 					n++
 				}
@@ -393,7 +411,7 @@ func masterRetireCmd(g *globals) *cobra.Command {
 			if err := fileset.Commit(g.state, masterJournal, files); err != nil {
 				return err
 			}
-			g.auditLifecycle(audit.Event{Event: "retire", Reason: "kid " + kid})
+			g.auditLifecycle(nil, audit.Event{Event: "retire", KID: kid, Reason: "kid " + kid + " retired"})
 			fmt.Fprintf(os.Stderr, "keyfs: master key %s retired; records sealed to it no longer open here\n", kid)
 			return nil
 		},

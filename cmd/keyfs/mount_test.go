@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -147,4 +148,61 @@ func TestDemo(t *testing.T) {
 	if b, _ := os.ReadFile("/proc/self/mountinfo"); strings.Contains(string(b), "keyfs-demo") {
 		t.Fatal("the demo left a mount behind")
 	}
+}
+
+// TestMountKilledWhileStarting: kill -9 of keyfs mount at any moment of
+// its start, including while go-fuse's start-up probe holds a file open on
+// the new mount, ends the process and leaves a dead mount the next start
+// cleans up; never an unkillable process hung on its own mount.
+func TestMountKilledWhileStarting(t *testing.T) {
+	fusetest.Require(t)
+	c := &cli{t: t, state: filepath.Join(t.TempDir(), "state"), tpm: "sim"}
+	c.must(0, "", "init")
+	c.must(0, "sk-kill", "put", "acme/openai")
+	mnt := filepath.Join(t.TempDir(), "keys")
+	t.Cleanup(func() { abortFUSE(t, mnt) })
+	for run := range 30 {
+		cmd := exec.Command(keyfsBin, "mount", mnt)
+		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// Kill as soon as the mount exists: inside Mount, before it serves.
+		for deadline := time.Now().Add(10 * time.Second); !fusetest.MustMounted(t, mnt) && time.Now().Before(deadline); {
+			time.Sleep(time.Duration(run%3) * 100 * time.Microsecond)
+		}
+		cmd.Process.Signal(syscall.SIGKILL)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			stack, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stack", cmd.Process.Pid))
+			abortFUSE(t, mnt)
+			<-done
+			t.Fatalf("run %d: keyfs mount did not die from SIGKILL within 10s; kernel stack:\n%s", run, stack)
+		}
+		syscall.Unmount(mnt, syscall.MNT_DETACH)
+	}
+}
+
+// abortFUSE aborts the FUSE connection of the mount at mnt, if any, and
+// detaches it: what frees a process stuck on a dead server.
+func abortFUSE(t *testing.T, mnt string) {
+	var st syscall.Stat_t
+	if !fusetest.MustMounted(t, mnt) || syscall.Stat(filepath.Dir(mnt), &st) != nil {
+		return
+	}
+	b, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 4 && f[4] == mnt {
+			minor := f[2][strings.Index(f[2], ":")+1:]
+			if _, err := os.Stat("/sys/fs/fuse/connections/" + minor); err != nil {
+				syscall.Mount("none", "/sys/fs/fuse/connections", "fusectl", 0, "")
+			}
+			os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
+		}
+	}
+	syscall.Unmount(mnt, syscall.MNT_DETACH)
 }

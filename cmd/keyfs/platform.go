@@ -7,6 +7,7 @@ import (
 	"os/signal"
 	"slices"
 	"syscall"
+	"time"
 
 	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/internal/audit"
@@ -36,7 +37,7 @@ func requireRoot(what string) error {
 func mountCmd(g *globals) *cobra.Command {
 	var tenants, keys, mode, auditPath string
 	var uid, gid uint32
-	var allowUnprotected bool
+	var allowUnprotected, auditRequired bool
 	c := &cobra.Command{
 		Use:   "mount [--tenants T1,T2] [--keys a,b] [--uid U --gid G --mode M] MOUNTPOINT",
 		Short: "Serve keys as read-only files at MOUNTPOINT until SIGINT/SIGTERM",
@@ -75,13 +76,14 @@ within a second. Every open is written to the audit log.`,
 			if err := os.MkdirAll(mnt, 0o755); err != nil {
 				return err
 			}
-			dm, err := g.startDaemon(auditPath)
+			dm, err := g.startDaemon(daemonAudit{path: auditPath, required: auditRequired})
 			if err != nil {
 				return err
 			}
 			defer dm.close()
 			d, key, al := dm.store, dm.key, dm.audit
-			opts := fusefs.Options{Store: d, Key: key, Audit: al, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: m}
+			opts := fusefs.Options{Store: d, Key: key, Audit: al, AuditRequired: auditRequired, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: m}
+			opts.Pod.Node, _ = os.Hostname()
 			if ts != nil {
 				opts.Allow = func(t string) bool { return slices.Contains(ts, t) }
 			}
@@ -117,6 +119,7 @@ within a second. Every open is written to the audit log.`,
 	c.Flags().StringVar(&mode, "mode", "0444", "file mode (read bits only)")
 	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
 	c.Flags().BoolVar(&allowUnprotected, insecureMemoryFlag, false, "run even when memory cannot be locked or dumps disabled (secrets may reach swap)")
+	c.Flags().BoolVar(&auditRequired, "audit-required", false, "fail an open (EIO) whose audit event cannot be written")
 	return c
 }
 
@@ -154,7 +157,18 @@ type daemon struct {
 	audit *audit.Logger
 }
 
-func (g *globals) startDaemon(auditPath string) (*daemon, error) {
+// daemonAudit is how a daemon keeps its audit trail.
+type daemonAudit struct {
+	path     string // "" for STATE/audit.log, "-" for stdout only
+	stdout   bool   // every event also to stdout, for a container's log pipeline
+	required bool   // an open whose event cannot be written fails
+}
+
+// checkpointEvery bounds how long a daemon's newest events stay without
+// a checkpoint.
+const checkpointEvery = time.Minute
+
+func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	d, err := g.store()
 	if err != nil {
 		return nil, err
@@ -163,11 +177,25 @@ func (g *globals) startDaemon(auditPath string) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	al, err := g.openAudit(auditPath)
+	al, err := g.openAudit(da.path)
 	if err != nil {
 		key.Close()
 		return nil, err
 	}
+	if da.stdout && da.path != "-" {
+		al.Tee(os.Stdout)
+	}
+	al.OnFailure(func(err error) {
+		g.log.Error("audit event not written; every failure is counted in keyfs_audit_write_failures_total", "required", da.required, "err", err)
+	})
+	// Anchor what key-less writers (put, rm) appended, then keep anchoring.
+	al.SetCheckpointer(key)
+	if err := al.Checkpoint(); err != nil && da.required {
+		al.Close()
+		key.Close()
+		return nil, fmt.Errorf("audit log: %w (--audit-required)", err)
+	}
+	al.StartCheckpoints(checkpointEvery)
 	index, err := keystore.WatchDir(d, 0, g.log)
 	if err != nil {
 		al.Close()

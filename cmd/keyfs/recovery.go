@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 
+	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/keystore"
 	"github.com/keyfs/keyfs/tpm"
 	"github.com/spf13/cobra"
@@ -116,6 +117,7 @@ to the master key opens again; master.pub does not change.`,
 			if err := g.installMaster(m, seed, pcrList, nil, false); err != nil {
 				return err
 			}
+			g.auditLifecycle(m, audit.Event{Event: "recover", KID: m.KID(), Reason: "resealed to this TPM with recovery key " + k.Public().KID})
 			fmt.Fprintf(os.Stderr, "keyfs: master key %s resealed to this TPM\n", m.KID())
 			fmt.Fprintln(g.stdout, m.KID())
 			return nil

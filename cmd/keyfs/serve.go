@@ -14,6 +14,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/keyfs/keyfs/driver"
+	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -22,7 +23,7 @@ import (
 
 func serveCmd(g *globals) *cobra.Command {
 	var endpoint, nodeID, kubeletDir, regDir, policyPath, defaultRule, metricsAddr, auditPath string
-	var allowUnprotected bool
+	var allowUnprotected, auditRequired, auditStdout bool
 	c := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the CSI node driver: unseal once, mount a narrowed key view per pod volume",
@@ -56,7 +57,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 			if err != nil {
 				return err
 			}
-			dm, err := g.startDaemon(auditPath)
+			dm, err := g.startDaemon(daemonAudit{path: auditPath, stdout: auditStdout, required: auditRequired})
 			if err != nil {
 				return err
 			}
@@ -76,10 +77,14 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 						return 0
 					}
 					return 1
-				}))
+				}),
+				prometheus.NewCounterFunc(prometheus.CounterOpts{
+					Name: "keyfs_audit_write_failures_total",
+					Help: "Audit events that could not be written (with --audit-required, their opens failed).",
+				}, func() float64 { return float64(al.Failures()) }))
 			d, err := driver.New(driver.Config{
 				Version: version(), NodeID: nodeID, KubeletDir: kubeletDir, StateDir: g.state,
-				Store: store, Key: key, Audit: al, Log: log, Policy: pol, Registry: reg,
+				Store: store, Key: key, Audit: al, AuditRequired: auditRequired, Log: log, Policy: pol, Registry: reg,
 			})
 			if err != nil {
 				return err
@@ -91,7 +96,9 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 
 			ctx, stop := signal.NotifyContext(c.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
-			go pol.Watch(ctx, time.Second, log, nil)
+			go pol.Watch(ctx, time.Second, log, func() {
+				al.Log(g.lifecycleEvent(audit.Event{Event: "policy", Reason: "reloaded " + policyPath}))
+			})
 
 			ln, err := net.Listen("tcp", metricsAddr)
 			if err != nil {
@@ -137,5 +144,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "127.0.0.1:9810", "address for /healthz and /metrics")
 	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
 	c.Flags().BoolVar(&allowUnprotected, insecureMemoryFlag, false, "run even when memory cannot be locked or dumps disabled (secrets may reach swap; shown in /metrics)")
+	c.Flags().BoolVar(&auditRequired, "audit-required", false, "fail an open (EIO) whose audit event cannot be written")
+	c.Flags().BoolVar(&auditStdout, "audit-stdout", os.Getenv("KUBERNETES_SERVICE_HOST") != "", "also write every audit event to stdout as a JSON line (default: on in a Kubernetes pod)")
 	return c
 }

@@ -4,6 +4,8 @@ package audit
 
 import (
 	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,38 +17,80 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Event is one audit record. Reason explains error and deny events; it
 // comes from keyfs's own error texts, which never carry values.
+//
+// Seq and Prev chain the events of one audit trail: Prev is the SHA-256
+// (hex) of the previous line as written, so an edited, inserted, deleted
+// or reordered event breaks the chain. A checkpoint event carries a MAC
+// over its Prev and Seq that only the master key (KID) can make, so the
+// chain cannot be rewritten from an edit onwards without detection.
 type Event struct {
 	Time           time.Time `json:"time"`
-	Event          string    `json:"event"` // open, error, publish, unpublish, deny
+	Seq            uint64    `json:"seq,omitempty"`
+	Prev           string    `json:"prev,omitempty"`
+	Event          string    `json:"event"` // open, error, publish, unpublish, deny, init, put, ..., checkpoint
 	Tenant         string    `json:"tenant,omitempty"`
 	Key            string    `json:"key,omitempty"`
 	Version        uint64    `json:"version,omitempty"`
+	KID            string    `json:"kid,omitempty"`
 	PID            int       `json:"pid,omitempty"`
 	UID            *uint32   `json:"uid,omitempty"`
 	GID            *uint32   `json:"gid,omitempty"`
+	Command        string    `json:"command,omitempty"`
+	Node           string    `json:"node,omitempty"`
 	PodUID         string    `json:"pod_uid,omitempty"`
 	PodNamespace   string    `json:"pod_namespace,omitempty"`
 	PodName        string    `json:"pod_name,omitempty"`
 	ServiceAccount string    `json:"service_account,omitempty"`
 	Volume         string    `json:"volume,omitempty"`
 	Reason         string    `json:"reason,omitempty"`
+	MAC            string    `json:"mac,omitempty"`
 }
 
-// Logger appends events to a file, rotating it at a size bound, or to a
-// writer. It is safe for concurrent use; a failed write is counted, never
-// fatal to the read that caused it.
+// Checkpointer makes checkpoint MACs: the master key's kid and its MAC
+// over a message.
+type Checkpointer interface {
+	KID() string
+	AuditMAC(msg []byte) []byte
+}
+
+// CheckpointMessage is what a checkpoint's MAC covers: the chain head
+// before it and its sequence number.
+func CheckpointMessage(prev string, seq uint64) []byte {
+	return []byte("keyfs audit checkpoint v1\x00" + prev + "\x00" + strconv.FormatUint(seq, 10))
+}
+
+// Logger appends chained events to a file, rotating it at a size bound,
+// or writes them to a writer. Several processes may append to one file:
+// each append holds PATH.lock and continues the chain from the file's
+// last line. It is safe for concurrent use.
 type Logger struct {
 	mu       sync.Mutex
-	w        io.Writer
+	w        io.Writer // NewWriter: no file, no chain
+	tee      io.Writer // every line also goes here (nil: nowhere)
 	f        *os.File
+	lock     *os.File
 	path     string
-	size     int64
 	maxBytes int64
-	failures int
+
+	// The chain head as of offset headSize of f.
+	head     string
+	seq      uint64
+	headSize int64
+	known    bool
+
+	cp        Checkpointer
+	sinceCP   int // events since the last checkpoint
+	failures  int
+	onFailure func(error) // called on the first failure
+	failed    bool
+	stopCP    chan struct{}
+	cpDone    chan struct{}
 }
 
 // Keep is how many rotated files are kept (path.1 … path.Keep).
@@ -55,58 +99,277 @@ const Keep = 3
 // DefaultMaxBytes bounds one audit file.
 const DefaultMaxBytes = 64 << 20
 
+// CheckpointEvery is how many events a key-holding writer lets pass
+// before it writes a checkpoint.
+const CheckpointEvery = 1000
+
 // Open appends to the audit file at path (0600), rotating at maxBytes.
 func Open(path string, maxBytes int64) (*Logger, error) {
-	l := &Logger{path: path, maxBytes: maxBytes}
+	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	l := &Logger{path: path, maxBytes: maxBytes, lock: lock}
 	if err := l.openFile(); err != nil {
+		lock.Close()
 		return nil, err
 	}
 	return l, nil
 }
 
-// NewWriter logs to w (stdout, for a container's log) without rotation.
+// NewWriter logs to w (stdout, for a container's log) without rotation
+// and without a chain.
 func NewWriter(w io.Writer) *Logger { return &Logger{w: w} }
+
+// Tee sends every event line to w as well (a container's stdout, for a
+// log pipeline).
+func (l *Logger) Tee(w io.Writer) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.tee = w
+}
+
+// OnFailure sets what is called (once) when an event cannot be written.
+func (l *Logger) OnFailure(f func(error)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.onFailure = f
+}
 
 func (l *Logger) openFile() error {
 	f, err := os.OpenFile(l.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return fmt.Errorf("open audit log: %w", err)
 	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return fmt.Errorf("open audit log: %w", err)
+	if l.f != nil {
+		l.f.Close()
 	}
-	l.f, l.w, l.size = f, f, fi.Size()
+	l.f, l.w, l.known = f, f, false
 	return nil
 }
 
-// Log writes e, stamping the time if unset.
-func (l *Logger) Log(e Event) {
+// Log writes e, stamping the time if unset, and returns why it could not.
+func (l *Logger) Log(e Event) error {
 	if l == nil {
-		return
+		return nil
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	err := l.append(e)
+	if err == nil && l.cp != nil && e.Event != "checkpoint" {
+		if l.sinceCP++; l.sinceCP >= CheckpointEvery {
+			err = l.checkpointLocked()
+		}
+	}
+	if err != nil {
+		l.failures++
+		if !l.failed && l.onFailure != nil {
+			l.onFailure(err)
+		}
+		l.failed = true
+	}
+	return err
+}
+
+// append writes one event; l.mu is held.
+func (l *Logger) append(e Event) error {
 	if e.Time.IsZero() {
 		e.Time = time.Now().UTC()
 	}
+	if l.f == nil { // a plain writer
+		line, err := json.Marshal(e)
+		if err != nil {
+			return err
+		}
+		_, err = l.w.Write(append(line, '\n'))
+		return err
+	}
+	if err := unix.Flock(int(l.lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("lock audit log: %w", err)
+	}
+	defer unix.Flock(int(l.lock.Fd()), unix.LOCK_UN)
+	size, err := l.current()
+	if err != nil {
+		return err
+	}
+	e.Seq, e.Prev = l.seq+1, l.head
 	line, err := json.Marshal(e)
 	if err != nil {
-		return
+		return err
 	}
 	line = append(line, '\n')
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.f != nil && l.maxBytes > 0 && l.size+int64(len(line)) > l.maxBytes {
+	if l.maxBytes > 0 && size > 0 && size+int64(len(line)) > l.maxBytes {
 		if err := l.rotate(); err != nil {
-			l.failures++
-			return
+			return fmt.Errorf("rotate audit log: %w", err)
+		}
+		size = 0
+	}
+	n, err := l.f.Write(line)
+	if err != nil {
+		l.known = false
+		return fmt.Errorf("write audit log: %w", err)
+	}
+	sum := sha256.Sum256(line[:n-1])
+	l.head, l.seq, l.headSize, l.known = hex.EncodeToString(sum[:]), e.Seq, size+int64(n), true
+	if l.tee != nil {
+		l.tee.Write(line)
+	}
+	return nil
+}
+
+// current makes sure f is the file at path (another process may have
+// rotated it) and the chain head is the file's last line; it returns the
+// file's size. Called under the file lock.
+func (l *Logger) current() (int64, error) {
+	pi, err := os.Stat(l.path)
+	fi, ferr := l.f.Stat()
+	if err != nil || ferr != nil || !os.SameFile(pi, fi) {
+		if err := l.openFile(); err != nil {
+			return 0, err
+		}
+		if fi, ferr = l.f.Stat(); ferr != nil {
+			return 0, ferr
 		}
 	}
-	n, err := l.w.Write(line)
-	l.size += int64(n)
-	if err != nil {
-		l.failures++
+	if l.known && fi.Size() == l.headSize {
+		return fi.Size(), nil
 	}
+	head, seq, err := lastEvent(l.path)
+	if err == nil && seq == 0 {
+		head, seq, err = lastEvent(l.path + ".1") // just rotated
+	}
+	if err != nil {
+		return 0, err
+	}
+	l.head, l.seq, l.headSize, l.known = head, seq, fi.Size(), true
+	return fi.Size(), nil
+}
+
+// lastEvent returns the hash and seq of the last event line of a file;
+// seq 0 for none (or no file).
+func lastEvent(path string) (head string, seq uint64, err error) {
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", 0, nil
+	}
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return "", 0, err
+	}
+	off := max(0, fi.Size()-256<<10)
+	b := make([]byte, fi.Size()-off)
+	if _, err := f.ReadAt(b, off); err != nil && !errors.Is(err, io.EOF) {
+		return "", 0, err
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		var e Event
+		if json.Unmarshal([]byte(lines[i]), &e) == nil && e.Seq > 0 {
+			sum := sha256.Sum256([]byte(lines[i]))
+			return hex.EncodeToString(sum[:]), e.Seq, nil
+		}
+	}
+	return "", 0, nil
+}
+
+// Anchor returns the path of the anchor file: the last checkpoint, kept
+// apart from the log so that a cut tail shows.
+func Anchor(path string) string { return path + ".anchor" }
+
+// SetCheckpointer lets l write checkpoints with cp's key: every
+// CheckpointEvery events, on Checkpoint, and on Close.
+func (l *Logger) SetCheckpointer(cp Checkpointer) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.cp = cp
+}
+
+// Checkpoint writes a checkpoint now: a daemon anchors, when it starts,
+// what key-less writers (put, rm) appended.
+func (l *Logger) Checkpoint() error {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cp == nil || l.f == nil {
+		return nil
+	}
+	return l.checkpointLocked()
+}
+
+// checkpointLocked appends a checkpoint over the chain head as it is in
+// the file (other writers included) and writes the anchor; l.mu is held.
+func (l *Logger) checkpointLocked() error {
+	if err := unix.Flock(int(l.lock.Fd()), unix.LOCK_EX); err != nil {
+		return fmt.Errorf("lock audit log: %w", err)
+	}
+	defer unix.Flock(int(l.lock.Fd()), unix.LOCK_UN)
+	if _, err := l.current(); err != nil {
+		return err
+	}
+	seq, prev := l.seq+1, l.head
+	e := Event{Time: time.Now().UTC(), Seq: seq, Prev: prev, Event: "checkpoint", KID: l.cp.KID(), PID: os.Getpid(),
+		MAC: hex.EncodeToString(l.cp.AuditMAC(CheckpointMessage(prev, seq)))}
+	line, err := json.Marshal(e)
+	if err != nil {
+		return err
+	}
+	line = append(line, '\n')
+	n, err := l.f.Write(line)
+	if err != nil {
+		l.known = false
+		return fmt.Errorf("write audit checkpoint: %w", err)
+	}
+	sum := sha256.Sum256(line[:n-1])
+	l.head, l.seq, l.headSize = hex.EncodeToString(sum[:]), seq, l.headSize+int64(n)
+	l.sinceCP = 0
+	if l.tee != nil {
+		l.tee.Write(line)
+	}
+	if err := writeAnchor(Anchor(l.path), line); err != nil {
+		return fmt.Errorf("write audit anchor: %w", err)
+	}
+	return nil
+}
+
+func writeAnchor(path string, line []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, line, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// StartCheckpoints writes a checkpoint every interval while events come.
+func (l *Logger) StartCheckpoints(interval time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stopCP != nil || l.cp == nil {
+		return
+	}
+	l.stopCP, l.cpDone = make(chan struct{}), make(chan struct{})
+	go func(stop, done chan struct{}) {
+		defer close(done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				l.mu.Lock()
+				if l.sinceCP > 0 {
+					l.checkpointLocked()
+				}
+				l.mu.Unlock()
+			}
+		}
+	}(l.stopCP, l.cpDone)
 }
 
 // Failures counts events that could not be written.
@@ -117,24 +380,45 @@ func (l *Logger) Failures() int {
 }
 
 func (l *Logger) rotate() error {
-	l.f.Close()
 	for i := Keep - 1; i >= 1; i-- {
 		os.Rename(l.path+"."+strconv.Itoa(i), l.path+"."+strconv.Itoa(i+1))
 	}
 	if err := os.Rename(l.path, l.path+".1"); err != nil {
 		return err
 	}
-	return l.openFile()
+	head, seq, hs := l.head, l.seq, l.known
+	if err := l.openFile(); err != nil {
+		return err
+	}
+	l.head, l.seq, l.headSize, l.known = head, seq, 0, hs
+	return nil
 }
 
-// Close closes the audit file.
+// Close writes a last checkpoint (when l holds a key and events came
+// since the last) and closes the audit file.
 func (l *Logger) Close() error {
 	if l == nil || l.f == nil {
 		return nil
 	}
 	l.mu.Lock()
+	stop, done := l.stopCP, l.cpDone
+	l.stopCP = nil
+	l.mu.Unlock()
+	if stop != nil {
+		close(stop)
+		<-done
+	}
+	l.mu.Lock()
 	defer l.mu.Unlock()
-	return l.f.Close()
+	var err error
+	if l.cp != nil && l.sinceCP > 0 {
+		err = l.checkpointLocked()
+	}
+	l.lock.Close()
+	if cerr := l.f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // Filter selects events; zero fields match everything.

@@ -1,0 +1,203 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/internal/fusetest"
+)
+
+func events(t *testing.T, c *cli) []audit.Event {
+	t.Helper()
+	var evs []audit.Event
+	for _, l := range strings.Split(strings.TrimSpace(c.must(0, "", "audit", "-o", "json").stdout), "\n") {
+		var e audit.Event
+		if err := json.Unmarshal([]byte(l), &e); err != nil {
+			t.Fatalf("audit -o json line %q: %v", l, err)
+		}
+		evs = append(evs, e)
+	}
+	return evs
+}
+
+// TestAuditLifecycle: init, put, import, rm and recover each leave one
+// event naming the actor; the chain verifies, and an edit is found.
+func TestAuditLifecycle(t *testing.T) {
+	work := t.TempDir()
+	c := &cli{t: t, state: filepath.Join(work, "state"), tpm: "sim"}
+	rec := filepath.Join(work, "recovery.key")
+	c.must(0, "", "recovery-keygen", "-o", rec)
+	kid := strings.TrimSpace(c.must(0, "", "init", "--recovery-pub", rec+".pub").stdout)
+	c.must(0, "sk-life-1", "put", "acme/openai")
+	f := filepath.Join(work, "r.rec")
+	c.must(0, "sk-life-2", "seal", "--pubkey", filepath.Join(c.state, "master.pub"), "--tenant", "acme", "--name", "gemini", "-o", f)
+	c.must(0, "", "import", f)
+	c.must(0, "", "rm", "acme/openai")
+	c.must(0, "", "recover", "--recovery-key", rec)
+
+	host, _ := os.Hostname()
+	want := map[string]string{"init": "keyfs init", "put": "keyfs put", "import": "keyfs import", "rm": "keyfs rm", "recover": "keyfs recover"}
+	seen := map[string]int{}
+	for _, e := range events(t, c) {
+		cmd, ok := want[e.Event]
+		if !ok {
+			continue
+		}
+		seen[e.Event]++
+		if e.Command != cmd || e.Node != host || e.PID == 0 || e.UID == nil || *e.UID != uint32(os.Getuid()) || e.Seq == 0 {
+			t.Errorf("%s event lacks its actor: %+v", e.Event, e)
+		}
+		if (e.Event == "init" || e.Event == "recover") && e.KID != kid {
+			t.Errorf("%s event kid %q, want %s", e.Event, e.KID, kid)
+		}
+		if (e.Event == "put" || e.Event == "import" || e.Event == "rm") && (e.Tenant != "acme" || e.Version == 0) {
+			t.Errorf("%s event without its key and version: %+v", e.Event, e)
+		}
+	}
+	for ev := range want {
+		if seen[ev] != 1 {
+			t.Errorf("%d %s events, want 1", seen[ev], ev)
+		}
+	}
+	if r := c.must(0, "", "audit", "verify"); !strings.Contains(r.stdout, "chain intact") {
+		t.Fatalf("audit verify of an untouched trail:\n%s%s", r.stdout, r.stderr)
+	}
+
+	// One edited byte: found, with its place.
+	log := filepath.Join(c.state, "audit.log")
+	b, _ := os.ReadFile(log)
+	edited := strings.Replace(string(b), `"key":"gemini"`, `"key":"gemino"`, 1)
+	if edited == string(b) {
+		t.Fatal("nothing to edit")
+	}
+	os.WriteFile(log, []byte(edited), 0o600)
+	r := c.must(exitIntegrity, "", "audit", "verify")
+	if !strings.Contains(r.stdout, "audit.log line ") || !strings.Contains(r.stdout, "does not chain") {
+		t.Fatalf("an edit not reported with its place:\n%s%s", r.stdout, r.stderr)
+	}
+}
+
+// TestAuditReport: a mounted view read by two processes as two uids; the
+// report names both, with their counts, and says the chain verified.
+func TestAuditReport(t *testing.T) {
+	fusetest.Require(t)
+	// Another uid reads the mount: its directory must be traversable.
+	work, err := os.MkdirTemp("", "kfsreport")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(work) })
+	os.Chmod(work, 0o755)
+	c := &cli{t: t, state: filepath.Join(work, "state"), tpm: "sim"}
+	c.must(0, "", "init")
+	c.must(0, "sk-report", "put", "acme/openai")
+	mnt := filepath.Join(work, "keys")
+	mount, stderr := c.startMount(mnt, "acme/openai") // one open by this test (uid 0)
+	file := filepath.Join(mnt, "acme", "openai")
+	for range 2 {
+		if out, err := exec.Command("setpriv", "--reuid=4242", "--regid=4242", "--clear-groups", "cat", file).CombinedOutput(); err != nil || string(out) != "sk-report" {
+			t.Fatalf("read as uid 4242: %q %v", out, err)
+		}
+	}
+	mount.Process.Signal(syscall.SIGTERM) // its last checkpoint anchors the opens
+	if err := waitOrDump(t, mount, 30*time.Second, stderr); err != nil {
+		t.Fatal(err)
+	}
+	var rep struct {
+		Chain   string
+		Readers []struct {
+			UID   *uint32
+			Opens int
+			Node  string
+		}
+	}
+	if err := json.Unmarshal([]byte(c.must(0, "", "audit", "report", "--key", "acme/openai", "-o", "json").stdout), &rep); err != nil {
+		t.Fatal(err)
+	}
+	opens := map[uint32]int{}
+	for _, r := range rep.Readers {
+		if r.UID != nil {
+			opens[*r.UID] += r.Opens
+		}
+	}
+	if rep.Chain != "verified" || opens[0] < 1 || opens[4242] != 2 {
+		t.Fatalf("report: chain %q, opens by uid %v", rep.Chain, opens)
+	}
+	table := c.must(0, "", "audit", "report", "--key", "acme/openai").stdout
+	if !strings.Contains(table, "audit chain: verified") || !strings.Contains(table, "4242") {
+		t.Errorf("report table:\n%s", table)
+	}
+}
+
+// TestAuditRequired: with the audit log on a full file system, --audit-required
+// fails reads with EIO; without it reads work.
+func TestAuditRequired(t *testing.T) {
+	fusetest.Require(t)
+	work := t.TempDir()
+	c := &cli{t: t, state: filepath.Join(work, "state"), tpm: "sim"}
+	c.must(0, "", "init")
+	c.must(0, "sk-required", "put", "acme/openai")
+	small := filepath.Join(work, "small")
+	os.Mkdir(small, 0o700)
+	if err := unix.Mount("tmpfs", small, "tmpfs", 0, "size=64k"); err != nil {
+		t.Fatalf("mount a small tmpfs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(small, unix.MNT_DETACH) })
+	for required, wantErr := range map[bool]bool{false: false, true: true} {
+		logPath := filepath.Join(small, "audit-"+strconv.FormatBool(required)+".log")
+		args := []string{"mount", "--audit-log", logPath}
+		if required {
+			args = append(args, "--audit-required")
+		}
+		mnt := filepath.Join(work, "keys-"+strconv.FormatBool(required))
+		cmd := exec.Command(keyfsBin, append(args, mnt)...)
+		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
+		var logs strings.Builder
+		cmd.Stderr = &logs
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(mnt, "acme", "openai")
+		for deadline := time.Now().Add(10 * time.Second); !exists(file); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("mount not up: %s", logs.String())
+			}
+		}
+		// Fill the file system, and the audit log's last page, then read.
+		filler := filepath.Join(small, "filler")
+		os.WriteFile(filler, make([]byte, 128<<10), 0o600)
+		if lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+			for {
+				if _, err := lf.Write(make([]byte, 512)); err != nil {
+					break
+				}
+			}
+			lf.Close()
+		}
+		_, err := os.ReadFile(file)
+		if gotErr := err != nil; gotErr != wantErr || (wantErr && !strings.Contains(err.Error(), "input/output error")) {
+			t.Errorf("audit-required=%v on a full audit file system: read error %v", required, err)
+		}
+		os.Remove(filler)
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if !strings.Contains(logs.String(), "audit event not written") {
+			t.Errorf("audit-required=%v: the first failure was not logged:\n%s", required, logs.String())
+		}
+	}
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
