@@ -4,7 +4,7 @@
 set -euo pipefail
 case "${1:-test}" in
   demo)  need=(gcc libssl-dev fuse3) ;;
-  test)  need=(gcc libssl-dev fuse3 swtpm swtpm-tools git) ;;
+  test)  need=(gcc libssl-dev fuse3 swtpm swtpm-tools git prometheus) ;;  # prometheus: promtool
   bench) need=(gcc libssl-dev fuse3 gocryptfs) ;;
   *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac
