@@ -1,10 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -13,8 +17,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/internal/fusetest"
+	"github.com/keyfs/keyfs/internal/syncbuf"
 )
 
 func events(t *testing.T, c *cli) []audit.Event {
@@ -200,4 +206,106 @@ func TestAuditRequired(t *testing.T) {
 func exists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
+}
+
+// TestServeAuditMetricsAndExport: serve writes every audit event to stdout
+// too (--audit-stdout), and with its audit log on a full file system counts
+// each lost event in keyfs_audit_write_failures_total: reads are served
+// without --audit-required and fail with EIO with it.
+func TestServeAuditMetricsAndExport(t *testing.T) {
+	fusetest.Require(t)
+	for _, required := range []bool{false, true} {
+		tmp := t.TempDir()
+		c := &cli{t: t, state: filepath.Join(tmp, "state"), tpm: "sim"}
+		c.must(0, "", "init")
+		c.must(0, "sk-export", "put", "acme/openai")
+		small := filepath.Join(tmp, "small")
+		os.Mkdir(small, 0o700)
+		if err := unix.Mount("tmpfs", small, "tmpfs", 0, "size=64k"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Unmount(small, unix.MNT_DETACH) })
+		logPath := filepath.Join(small, "audit.log")
+		kubelet := filepath.Join(tmp, "kubelet")
+		sock := filepath.Join(tmp, "csi.sock")
+		metrics := freeAddr(t)
+		args := []string{"serve", "--csi-endpoint", "unix://" + sock, "--node-id", "node-1", "--kubelet-dir", kubelet,
+			"--kubelet-registration-dir", "", "--metrics-addr", metrics, "--audit-log", logPath, "--audit-stdout"}
+		if required {
+			args = append(args, "--audit-required")
+		}
+		cmd := exec.Command(keyfsBin, args...)
+		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
+		var stdout, logs syncbuf.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &logs
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if cmd.ProcessState == nil {
+				cmd.Process.Kill()
+				waitOrDump(t, cmd, 30*time.Second, &logs)
+			}
+		})
+		metric := func() string {
+			r, err := http.Get("http://" + metrics + "/metrics")
+			if err != nil {
+				return ""
+			}
+			defer r.Body.Close()
+			b, _ := io.ReadAll(r.Body)
+			m := regexp.MustCompile(`(?m)^keyfs_audit_write_failures_total (\S+)$`).FindSubmatch(b)
+			if m == nil {
+				return "none"
+			}
+			return string(m[1])
+		}
+		for deadline := time.Now().Add(15 * time.Second); metric() == ""; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("serve not up: %s", logs.String())
+			}
+		}
+		target := filepath.Join(kubelet, "pods", "uid-1", "volumes", "kubernetes.io~csi", "keys", "mount")
+		_, err := csi.NewNodeClient(dialUnix(t, sock)).NodePublishVolume(context.Background(), &csi.NodePublishVolumeRequest{
+			VolumeId: "v1", TargetPath: target, Readonly: true,
+			VolumeCapability: &csi.VolumeCapability{
+				AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY},
+			},
+			VolumeContext: map[string]string{"csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.namespace": "acme",
+				"csi.storage.k8s.io/pod.name": "app", "csi.storage.k8s.io/pod.uid": "uid-1", "csi.storage.k8s.io/serviceAccount.name": "default"},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(target, "acme", "openai")
+		if b, err := os.ReadFile(file); err != nil || string(b) != "sk-export" {
+			t.Fatalf("read: %q %v", b, err)
+		}
+		if !strings.Contains(stdout.String(), `"event":"open"`) || !strings.Contains(stdout.String(), `"pod_uid":"uid-1"`) {
+			t.Errorf("the open event is not on stdout:\n%s", stdout.String())
+		}
+		// Fill the file system and the audit log's last page.
+		os.WriteFile(filepath.Join(small, "filler"), make([]byte, 128<<10), 0o600)
+		if lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+			for {
+				if _, err := lf.Write(make([]byte, 512)); err != nil {
+					break
+				}
+			}
+			lf.Close()
+		}
+		for i := range 3 {
+			_, err := os.ReadFile(file)
+			if required != (err != nil) || (required && !strings.Contains(err.Error(), "input/output error")) {
+				t.Errorf("required=%v: read %d on a full audit file system: %v", required, i, err)
+			}
+		}
+		if got := metric(); got != "3" {
+			t.Errorf("required=%v: keyfs_audit_write_failures_total = %s, want 3", required, got)
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		waitOrDump(t, cmd, 30*time.Second, &logs)
+		os.Remove(filepath.Join(small, "filler"))
+	}
 }
