@@ -156,7 +156,7 @@ func (l *Logger) Log(e Event) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	err := l.append(e)
-	if err == nil && l.cp != nil && e.Event != "checkpoint" {
+	if err == nil && l.cp != nil && l.f != nil && e.Event != "checkpoint" {
 		if l.sinceCP++; l.sinceCP >= CheckpointEvery {
 			err = l.checkpointLocked()
 		}
@@ -305,6 +305,9 @@ func (l *Logger) Checkpoint() error {
 // checkpointLocked appends a checkpoint over the chain head as it is in
 // the file (other writers included) and writes the anchor; l.mu is held.
 func (l *Logger) checkpointLocked() error {
+	if l.f == nil {
+		return nil // a plain writer has no chain to anchor
+	}
 	if err := unix.Flock(int(l.lock.Fd()), unix.LOCK_EX); err != nil {
 		return fmt.Errorf("lock audit log: %w", err)
 	}
@@ -349,7 +352,7 @@ func writeAnchor(path string, line []byte) error {
 func (l *Logger) StartCheckpoints(interval time.Duration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.stopCP != nil || l.cp == nil {
+	if l.stopCP != nil || l.cp == nil || l.f == nil {
 		return
 	}
 	l.stopCP, l.cpDone = make(chan struct{}), make(chan struct{})

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 type testKey struct{ kid, key string }
@@ -201,5 +202,28 @@ func TestChainAcrossProcesses(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(path); bytes.Count(b, []byte(`"event":"checkpoint"`)) != 1 {
 		t.Fatalf("want one checkpoint, at the daemon's close:\n%s", b)
+	}
+}
+
+// TestWriterWithCheckpointer: a plain writer (--audit-log -) given a key
+// writes events and never tries to chain or checkpoint them.
+func TestWriterWithCheckpointer(t *testing.T) {
+	var buf bytes.Buffer
+	l := NewWriter(&buf)
+	l.SetCheckpointer(key)
+	l.StartCheckpoints(time.Millisecond)
+	for range CheckpointEvery + 1 {
+		if err := l.Log(Event{Event: "open"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := bytes.Count(buf.Bytes(), []byte("\n")); n != CheckpointEvery+1 || bytes.Contains(buf.Bytes(), []byte("checkpoint")) {
+		t.Fatalf("%d lines, checkpoint written: %v", n, bytes.Contains(buf.Bytes(), []byte("checkpoint")))
 	}
 }
