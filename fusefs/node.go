@@ -192,9 +192,13 @@ func (k *keyNode) open(ctx context.Context) (*handle, error) {
 		s.log.Error("cannot open key", "tenant", k.tenant, "key", k.name, "version", v.Version, "pid", ev.PID, "err", err)
 		return nil, err
 	}
-	if aerr := s.o.Audit.Log(ev); aerr != nil && s.o.AuditRequired {
-		clear(pt)
-		return nil, fmt.Errorf("%w: %w", ErrAuditFailed, aerr)
+	if s.o.AuditRequired {
+		if aerr := s.o.Audit.Log(ev); aerr != nil {
+			clear(pt)
+			return nil, fmt.Errorf("%w: %w", ErrAuditFailed, aerr)
+		}
+	} else {
+		s.o.Audit.Go(ev) // written after the reply, when the logger has a queue
 	}
 	return &handle{v: v, rec: rec, pt: pt, key: s.o.Key}, nil
 }

@@ -168,7 +168,7 @@ func TestAuditRequired(t *testing.T) {
 		mnt := filepath.Join(work, "keys-"+strconv.FormatBool(required))
 		cmd := exec.Command(keyfsBin, append(args, mnt)...)
 		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
-		var logs strings.Builder
+		var logs syncbuf.Buffer
 		cmd.Stderr = &logs
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -193,6 +193,10 @@ func TestAuditRequired(t *testing.T) {
 		_, err := os.ReadFile(file)
 		if gotErr := err != nil; gotErr != wantErr || (wantErr && !strings.Contains(err.Error(), "input/output error")) {
 			t.Errorf("audit-required=%v on a full audit file system: read error %v", required, err)
+		}
+		// Without --audit-required the event is written after the reply.
+		for deadline := time.Now().Add(5 * time.Second); !strings.Contains(logs.String(), "audit event not written") && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
 		}
 		os.Remove(filler)
 		cmd.Process.Signal(syscall.SIGTERM)
@@ -282,8 +286,14 @@ func TestServeAuditMetricsAndExport(t *testing.T) {
 		if b, err := os.ReadFile(file); err != nil || string(b) != "sk-export" {
 			t.Fatalf("read: %q %v", b, err)
 		}
-		if !strings.Contains(stdout.String(), `"event":"open"`) || !strings.Contains(stdout.String(), `"pod_uid":"uid-1"`) {
-			t.Errorf("the open event is not on stdout:\n%s", stdout.String())
+		// Events are written just after the reply: wait for them.
+		for deadline := time.Now().Add(5 * time.Second); !strings.Contains(stdout.String(), `"pod_uid":"uid-1"`); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the open event is not on stdout:\n%s", stdout.String())
+			}
+		}
+		if !strings.Contains(stdout.String(), `"event":"open"`) {
+			t.Errorf("no open event on stdout:\n%s", stdout.String())
 		}
 		// Fill the file system and the audit log's last page.
 		os.WriteFile(filepath.Join(small, "filler"), make([]byte, 128<<10), 0o600)
@@ -300,6 +310,10 @@ func TestServeAuditMetricsAndExport(t *testing.T) {
 			if required != (err != nil) || (required && !strings.Contains(err.Error(), "input/output error")) {
 				t.Errorf("required=%v: read %d on a full audit file system: %v", required, i, err)
 			}
+		}
+		// Without --audit-required the failures happen after the replies.
+		for deadline := time.Now().Add(5 * time.Second); metric() != "3" && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
 		}
 		if got := metric(); got != "3" {
 			t.Errorf("required=%v: keyfs_audit_write_failures_total = %s, want 3", required, got)

@@ -196,6 +196,9 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 		return nil, fmt.Errorf("audit log: %w (--audit-required)", err)
 	}
 	al.StartCheckpoints(checkpointEvery)
+	if !da.required {
+		al.StartQueue(4096) // opens are answered before their event is written
+	}
 	index, err := keystore.WatchDir(d, 0, g.log)
 	if err != nil {
 		al.Close()

@@ -91,6 +91,49 @@ type Logger struct {
 	failed    bool
 	stopCP    chan struct{}
 	cpDone    chan struct{}
+
+	qmu       sync.RWMutex // senders hold it read-locked; Close takes it to close queue
+	queue     chan Event   // Go's queue to the writer goroutine; nil: Go writes at once
+	queueDone chan struct{}
+}
+
+// StartQueue gives Go a queue of n events and a goroutine that writes
+// them, so that a reader's open is answered before its event is written.
+// Close writes what is queued.
+func (l *Logger) StartQueue(n int) {
+	l.qmu.Lock()
+	defer l.qmu.Unlock()
+	if l.queue != nil {
+		return
+	}
+	q, done := make(chan Event, n), make(chan struct{})
+	l.queue, l.queueDone = q, done
+	go func() {
+		defer close(done)
+		for e := range q {
+			l.Log(e)
+		}
+	}()
+}
+
+// Go logs e without making the caller wait for the write when a queue is
+// started (it waits only while the queue is full: events are never
+// dropped); a failure is counted and reported like Log's.
+func (l *Logger) Go(e Event) {
+	if l == nil {
+		return
+	}
+	if e.Time.IsZero() {
+		e.Time = time.Now().UTC()
+	}
+	l.qmu.RLock()
+	if l.queue != nil {
+		l.queue <- e // the writer drains it without qmu
+		l.qmu.RUnlock()
+		return
+	}
+	l.qmu.RUnlock()
+	l.Log(e)
 }
 
 // Keep is how many rotated files are kept (path.1 … path.Keep).
@@ -403,6 +446,13 @@ func (l *Logger) Close() error {
 	if l == nil || l.f == nil {
 		return nil
 	}
+	l.qmu.Lock()
+	if l.queue != nil {
+		close(l.queue) // no sender holds qmu now; later ones write at once
+		<-l.queueDone
+		l.queue = nil
+	}
+	l.qmu.Unlock()
 	l.mu.Lock()
 	stop, done := l.stopCP, l.cpDone
 	l.stopCP = nil

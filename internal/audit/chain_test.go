@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -225,5 +226,37 @@ func TestWriterWithCheckpointer(t *testing.T) {
 	}
 	if n := bytes.Count(buf.Bytes(), []byte("\n")); n != CheckpointEvery+1 || bytes.Contains(buf.Bytes(), []byte("checkpoint")) {
 		t.Fatalf("%d lines, checkpoint written: %v", n, bytes.Contains(buf.Bytes(), []byte("checkpoint")))
+	}
+}
+
+// TestQueue: events handed to Go are written by the queue's goroutine, in
+// one chain; Close writes what is queued; a late Go writes at once.
+func TestQueue(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetCheckpointer(key)
+	l.StartQueue(8)
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Go(func() {
+			for j := range 50 {
+				l.Go(Event{Event: "open", PID: i*100 + j})
+			}
+		})
+	}
+	wg.Wait()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l.Go(Event{Event: "open"}) // after Close: no panic, counted as a failure
+	if l.Failures() != 1 {
+		t.Errorf("failures %d, want 1 (the event after Close)", l.Failures())
+	}
+	v, err := Verify(path, key.check)
+	if err != nil || !v.OK() || v.Events != 201 || v.Unanchored != 0 {
+		t.Fatalf("queued trail: %+v %v", v, err)
 	}
 }

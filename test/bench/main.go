@@ -166,6 +166,10 @@ func run() error {
 		return err
 	}
 	atExit(func() { al.Close() })
+	// As keyfs serve and mount keep it: chained, checkpointed with the
+	// master key, written just after each open's reply.
+	al.SetCheckpointer(m)
+	al.StartQueue(4096)
 
 	fmt.Printf("keyfs read benchmark: %d-byte key, open+read+close as an application does (open, read to EOF, close),\n", valueSize)
 	where := "in a separate process"
