@@ -19,8 +19,9 @@ const callerTTL = time.Second
 // the audit trail names, and its pod, so an open costs no /proc read when
 // the same threads keep reading.
 type callers struct {
-	mu sync.Mutex
-	m  map[uint32]caller
+	mu     sync.Mutex
+	m      map[uint32]caller
+	pruned time.Time // when expired entries were last dropped
 }
 
 type caller struct {
@@ -42,24 +43,22 @@ func (c *callers) get(tid uint32, wantPod bool) caller {
 		ci.podUID = audit.PodUID(ci.pid)
 	}
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.m == nil {
 		c.m = map[uint32]caller{}
 	}
-	c.m[tid] = ci
-	c.mu.Unlock()
-	return ci
-}
-
-// prune forgets expired entries.
-func (c *callers) prune() {
-	now := time.Now()
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for tid, ci := range c.m {
-		if now.Sub(ci.at) >= callerTTL {
-			delete(c.m, tid)
+	// Drop expired entries here, on a miss (which already read /proc), at
+	// most once per TTL: the map stays bounded with no timer running.
+	if now.Sub(c.pruned) >= callerTTL {
+		for t, old := range c.m {
+			if now.Sub(old.at) >= callerTTL {
+				delete(c.m, t)
+			}
 		}
+		c.pruned = now
 	}
+	c.m[tid] = ci
+	return ci
 }
 
 // tgid returns the process of thread tid, or tid if it is gone.

@@ -9,7 +9,6 @@ import (
 	"log"
 	"log/slog"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -145,7 +144,6 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		// No NegativeTimeout: a name that appears needs no notification.
 		NullPermissions: true,
 	})
-	before := fuseFDs()
 	srv, err := fuse.NewServer(readOnly{raw}, mountpoint, &fuse.MountOptions{
 		AllowOther: true, // pods run as other uids
 		FsName:     "keyfs",
@@ -162,13 +160,11 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
+	// go-fuse's direct mount opens /dev/fuse without O_CLOEXEC; a child
+	// started later would inherit the connection and keep a killed
+	// server's mount hanging instead of failing with ENOTCONN.
 	for _, fd := range fuseFDs() {
-		// go-fuse's direct mount opens /dev/fuse without O_CLOEXEC; a
-		// child started later would inherit the connection and keep a
-		// killed server's mount hanging instead of failing with ENOTCONN.
-		if !slices.Contains(before, fd) {
-			syscall.CloseOnExec(fd)
-		}
+		syscall.CloseOnExec(fd)
 	}
 	s.fuse = srv
 	go func() {
@@ -269,7 +265,6 @@ func (s *Server) watch() {
 			again = time.After(recheck)
 		}
 		s.refreshMu.Unlock()
-		s.callers.prune()
 	}
 }
 

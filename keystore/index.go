@@ -21,12 +21,10 @@ type Store interface {
 	// Snapshot returns the current index. It never blocks on I/O.
 	Snapshot() *Snapshot
 	// Refresh brings the snapshot up to date now rather than at the next
-	// change notice: for a new view, or a reader that found a record the
-	// snapshot names already gone. It is cheap when nothing changed.
+	// change notice: for a new view, a readiness probe, or a reader that
+	// found a record the snapshot names already gone. It is cheap when
+	// nothing changed, and says why the store cannot be read.
 	Refresh() error
-	// Err is why the store could not be read the last time it was tried;
-	// nil while the snapshot is current.
-	Err() error
 }
 
 // Snapshot is one immutable state of a store: tenants, their keys, and the
@@ -197,12 +195,6 @@ func WatchDir(d *Dir, poll time.Duration, log *slog.Logger) (*DirIndex, error) {
 }
 
 func (x *DirIndex) Snapshot() *Snapshot { return x.snap.Load() }
-
-func (x *DirIndex) Err() error {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	return x.lastErr
-}
 
 // Refresh rescans the store now if its generation moved.
 func (x *DirIndex) Refresh() error { return x.refresh() }

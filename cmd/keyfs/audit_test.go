@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -153,12 +151,7 @@ func TestAuditRequired(t *testing.T) {
 	c := &cli{t: t, state: filepath.Join(work, "state"), tpm: "sim"}
 	c.must(0, "", "init")
 	c.must(0, "sk-required", "put", "acme/openai")
-	small := filepath.Join(work, "small")
-	os.Mkdir(small, 0o700)
-	if err := unix.Mount("tmpfs", small, "tmpfs", 0, "size=64k"); err != nil {
-		t.Fatalf("mount a small tmpfs: %v", err)
-	}
-	t.Cleanup(func() { unix.Unmount(small, unix.MNT_DETACH) })
+	small := smallTmpfs(t)
 	for required, wantErr := range map[bool]bool{false: false, true: true} {
 		logPath := filepath.Join(small, "audit-"+strconv.FormatBool(required)+".log")
 		args := []string{"mount", "--audit-log", logPath}
@@ -166,39 +159,20 @@ func TestAuditRequired(t *testing.T) {
 			args = append(args, "--audit-required")
 		}
 		mnt := filepath.Join(work, "keys-"+strconv.FormatBool(required))
-		cmd := exec.Command(keyfsBin, append(args, mnt)...)
-		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
-		var logs syncbuf.Buffer
-		cmd.Stderr = &logs
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		cmd := c.keyfsCmd(append(args, mnt)...)
+		logs := startChild(t, cmd)
 		file := filepath.Join(mnt, "acme", "openai")
-		for deadline := time.Now().Add(10 * time.Second); !exists(file); time.Sleep(20 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("mount not up: %s", logs.String())
-			}
+		if !poll(10*time.Second, func() bool { return exists(file) }) {
+			t.Fatalf("mount not up: %s", logs.String())
 		}
-		// Fill the file system, and the audit log's last page, then read.
-		filler := filepath.Join(small, "filler")
-		os.WriteFile(filler, make([]byte, 128<<10), 0o600)
-		if lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND, 0); err == nil {
-			for {
-				if _, err := lf.Write(make([]byte, 512)); err != nil {
-					break
-				}
-			}
-			lf.Close()
-		}
+		undo := fillUp(t, small, logPath)
 		_, err := os.ReadFile(file)
 		if gotErr := err != nil; gotErr != wantErr || (wantErr && !strings.Contains(err.Error(), "input/output error")) {
 			t.Errorf("audit-required=%v on a full audit file system: read error %v", required, err)
 		}
 		// Without --audit-required the event is written after the reply.
-		for deadline := time.Now().Add(5 * time.Second); !strings.Contains(logs.String(), "audit event not written") && time.Now().Before(deadline); {
-			time.Sleep(10 * time.Millisecond)
-		}
-		os.Remove(filler)
+		poll(5*time.Second, func() bool { return strings.Contains(logs.String(), "audit event not written") })
+		undo()
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()
 		if !strings.Contains(logs.String(), "audit event not written") {
@@ -212,6 +186,34 @@ func exists(p string) bool {
 	return err == nil
 }
 
+// smallTmpfs mounts a 64 KB tmpfs for the test, to be filled up.
+func smallTmpfs(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64k"); err != nil {
+		t.Fatalf("mount a small tmpfs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
+}
+
+// fillUp fills the file system at dir, and the last page of the file at
+// log, so the next append to log fails; undo frees the space.
+func fillUp(t *testing.T, dir, log string) (undo func()) {
+	t.Helper()
+	filler := filepath.Join(dir, "filler")
+	os.WriteFile(filler, make([]byte, 128<<10), 0o600)
+	if lf, err := os.OpenFile(log, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+		for {
+			if _, err := lf.Write(make([]byte, 512)); err != nil {
+				break
+			}
+		}
+		lf.Close()
+	}
+	return func() { os.Remove(filler) }
+}
+
 // TestServeAuditMetricsAndExport: serve writes every audit event to stdout
 // too (--audit-stdout), and with its audit log on a full file system counts
 // each lost event in keyfs_audit_write_failures_total: reads are served
@@ -223,12 +225,7 @@ func TestServeAuditMetricsAndExport(t *testing.T) {
 		c := &cli{t: t, state: filepath.Join(tmp, "state"), tpm: "sim"}
 		c.must(0, "", "init")
 		c.must(0, "sk-export", "put", "acme/openai")
-		small := filepath.Join(tmp, "small")
-		os.Mkdir(small, 0o700)
-		if err := unix.Mount("tmpfs", small, "tmpfs", 0, "size=64k"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { unix.Unmount(small, unix.MNT_DETACH) })
+		small := smallTmpfs(t)
 		logPath := filepath.Join(small, "audit.log")
 		kubelet := filepath.Join(tmp, "kubelet")
 		sock := filepath.Join(tmp, "csi.sock")
@@ -238,36 +235,23 @@ func TestServeAuditMetricsAndExport(t *testing.T) {
 		if required {
 			args = append(args, "--audit-required")
 		}
-		cmd := exec.Command(keyfsBin, args...)
-		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
-		var stdout, logs syncbuf.Buffer
-		cmd.Stdout, cmd.Stderr = &stdout, &logs
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if cmd.ProcessState == nil {
-				cmd.Process.Kill()
-				waitOrDump(t, cmd, 30*time.Second, &logs)
-			}
-		})
+		cmd := c.keyfsCmd(args...)
+		var stdout syncbuf.Buffer
+		cmd.Stdout = &stdout
+		logs := startChild(t, cmd)
+		failures := regexp.MustCompile(`(?m)^keyfs_audit_write_failures_total (\S+)$`)
 		metric := func() string {
-			r, err := http.Get("http://" + metrics + "/metrics")
-			if err != nil {
+			b := metricsText(metrics)
+			if b == "" {
 				return ""
 			}
-			defer r.Body.Close()
-			b, _ := io.ReadAll(r.Body)
-			m := regexp.MustCompile(`(?m)^keyfs_audit_write_failures_total (\S+)$`).FindSubmatch(b)
-			if m == nil {
-				return "none"
+			if m := failures.FindStringSubmatch(b); m != nil {
+				return m[1]
 			}
-			return string(m[1])
+			return "none"
 		}
-		for deadline := time.Now().Add(15 * time.Second); metric() == ""; time.Sleep(50 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("serve not up: %s", logs.String())
-			}
+		if !poll(15*time.Second, func() bool { return metric() != "" }) {
+			t.Fatalf("serve not up: %s", logs.String())
 		}
 		target := filepath.Join(kubelet, "pods", "uid-1", "volumes", "kubernetes.io~csi", "keys", "mount")
 		_, err := csi.NewNodeClient(dialUnix(t, sock)).NodePublishVolume(context.Background(), &csi.NodePublishVolumeRequest{
@@ -289,21 +273,10 @@ func TestServeAuditMetricsAndExport(t *testing.T) {
 		// Events are written just after the reply (to the file, then to
 		// stdout): wait for the open's.
 		openEvent := regexp.MustCompile(`"event":"open"[^\n]*"pod_uid":"uid-1"`)
-		for deadline := time.Now().Add(5 * time.Second); !openEvent.MatchString(stdout.String()); time.Sleep(10 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("the open event is not on stdout:\n%s", stdout.String())
-			}
+		if !poll(5*time.Second, func() bool { return openEvent.MatchString(stdout.String()) }) {
+			t.Fatalf("the open event is not on stdout:\n%s", stdout.String())
 		}
-		// Fill the file system and the audit log's last page.
-		os.WriteFile(filepath.Join(small, "filler"), make([]byte, 128<<10), 0o600)
-		if lf, err := os.OpenFile(logPath, os.O_WRONLY|os.O_APPEND, 0); err == nil {
-			for {
-				if _, err := lf.Write(make([]byte, 512)); err != nil {
-					break
-				}
-			}
-			lf.Close()
-		}
+		undo := fillUp(t, small, logPath)
 		for i := range 3 {
 			_, err := os.ReadFile(file)
 			if required != (err != nil) || (required && !strings.Contains(err.Error(), "input/output error")) {
@@ -311,14 +284,12 @@ func TestServeAuditMetricsAndExport(t *testing.T) {
 			}
 		}
 		// Without --audit-required the failures happen after the replies.
-		for deadline := time.Now().Add(5 * time.Second); metric() != "3" && time.Now().Before(deadline); {
-			time.Sleep(10 * time.Millisecond)
-		}
+		poll(5*time.Second, func() bool { return metric() == "3" })
 		if got := metric(); got != "3" {
 			t.Errorf("required=%v: keyfs_audit_write_failures_total = %s, want 3", required, got)
 		}
 		cmd.Process.Signal(syscall.SIGTERM)
-		waitOrDump(t, cmd, 30*time.Second, &logs)
-		os.Remove(filepath.Join(small, "filler"))
+		waitOrDump(t, cmd, 30*time.Second, logs)
+		undo()
 	}
 }

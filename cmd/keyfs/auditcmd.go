@@ -21,14 +21,7 @@ func auditCmd(g *globals) *cobra.Command {
 		Short: "Show who opened which key: the answer to \"who read this key since it leaked\"",
 		Args:  args(cobra.NoArgs),
 		RunE: func(*cobra.Command, []string) error {
-			f, err := filterFlags(key, tenant, since)
-			if err != nil {
-				return err
-			}
-			if output != "table" && output != "json" {
-				return usagef("-o %q: want table or json", output)
-			}
-			evs, err := audit.Query(g.path("audit.log"), f)
+			evs, err := g.queryAudit(key, tenant, since, output)
 			if err != nil {
 				return err
 			}
@@ -67,6 +60,19 @@ func auditCmd(g *globals) *cobra.Command {
 	c.Flags().StringVarP(&output, "output", "o", "table", "table or json")
 	c.AddCommand(auditVerifyCmd(g), auditReportCmd(g))
 	return c
+}
+
+// queryAudit reads the events that --key, --tenant and --since select,
+// after checking them and -o.
+func (g *globals) queryAudit(key, tenant string, since time.Duration, output string) ([]audit.Event, error) {
+	f, err := filterFlags(key, tenant, since)
+	if err != nil {
+		return nil, err
+	}
+	if output != "table" && output != "json" {
+		return nil, usagef("-o %q: want table or json", output)
+	}
+	return audit.Query(g.path("audit.log"), f)
 }
 
 // filterFlags parses --key and --tenant into a filter.
@@ -167,14 +173,7 @@ func auditReportCmd(g *globals) *cobra.Command {
 			if key == "" && tenant == "" {
 				return usagef("name the leaked key with --key TENANT/NAME, or --tenant T")
 			}
-			f, err := filterFlags(key, tenant, since)
-			if err != nil {
-				return err
-			}
-			if output != "table" && output != "json" {
-				return usagef("-o %q: want table or json", output)
-			}
-			evs, err := audit.Query(g.path("audit.log"), f)
+			evs, err := g.queryAudit(key, tenant, since, output)
 			if err != nil {
 				return err
 			}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyfs/keyfs/internal/syncbuf"
 	"github.com/keyfs/keyfs/tpm/tpmtest"
 )
 
@@ -50,8 +53,7 @@ type result struct {
 
 func (c *cli) run(stdin string, args ...string) result {
 	c.t.Helper()
-	cmd := exec.Command(keyfsBin, args...)
-	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
+	cmd := c.keyfsCmd(args...)
 	cmd.Stdin = strings.NewReader(stdin)
 	var o, e bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &o, &e
@@ -91,6 +93,55 @@ func waitOrDump(t *testing.T, cmd *exec.Cmd, d time.Duration, stderr fmt.Stringe
 		t.Fatalf("%s did not exit within %v; its stderr:\n%s", strings.Join(cmd.Args, " "), d, stderr.String())
 		return nil
 	}
+}
+
+// keyfsCmd is keyfs with args against this cli's state and TPM.
+func (c *cli) keyfsCmd(args ...string) *exec.Cmd {
+	cmd := exec.Command(keyfsBin, args...)
+	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
+	return cmd
+}
+
+// startChild starts a long-running command (serve, mount) and returns its
+// stderr, unless the caller set one. When the test ends the child is
+// killed, unless the test waited for it.
+func startChild(t *testing.T, cmd *exec.Cmd) *syncbuf.Buffer {
+	t.Helper()
+	logs := &syncbuf.Buffer{}
+	if cmd.Stderr == nil {
+		cmd.Stderr = logs
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			waitOrDump(t, cmd, 30*time.Second, logs)
+		}
+	})
+	return logs
+}
+
+// poll checks cond every 10 ms until it holds or d passes, and says which.
+func poll(d time.Duration, cond func() bool) bool {
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+	return true
+}
+
+// metricsText returns serve's /metrics text at addr, "" while it does not answer.
+func metricsText(addr string) string {
+	r, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer r.Body.Close()
+	b, _ := io.ReadAll(r.Body)
+	return string(b)
 }
 
 // must runs keyfs and fails the test unless it exits with want.

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"syscall"
@@ -43,8 +42,7 @@ func (c *cli) escrowKID() string {
 // killedAt runs keyfs args and SIGKILLs it after d (it may finish first).
 func (c *cli) killedAt(d time.Duration, args ...string) {
 	c.t.Helper()
-	cmd := exec.Command(keyfsBin, args...)
-	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
+	cmd := c.keyfsCmd(args...)
 	if err := cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}

@@ -52,13 +52,9 @@ func (g *globals) ringPublicKeys() (map[string]*keystore.PublicKey, error) {
 	}
 	out := map[string]*keystore.PublicKey{}
 	for _, kid := range kids {
-		b, err := os.ReadFile(g.path(ringFile(kid, "pub")))
+		p, err := g.readPublicKey(ringFile(kid, "pub"))
 		if err != nil {
 			return nil, err
-		}
-		p, err := keystore.ParsePublicKey(b)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", g.path(ringFile(kid, "pub")), err)
 		}
 		if p.KID != kid {
 			return nil, fmt.Errorf("%w: %s holds kid %s", keystore.ErrIntegrity, ringFile(kid, "pub"), p.KID)

@@ -19,31 +19,17 @@ import (
 // startMount runs `keyfs mount` and waits until wantFile reads.
 func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *syncbuf.Buffer) {
 	c.t.Helper()
-	cmd := exec.Command(keyfsBin, "mount", mnt)
-	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
-	stderr := &syncbuf.Buffer{}
-	cmd.Stderr = stderr
-	if err := cmd.Start(); err != nil {
-		c.t.Fatal(err)
-	}
-	c.t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			waitOrDump(c.t, cmd, 30*time.Second, stderr)
-		}
+	c.t.Cleanup(func() { // runs after startChild's: the child is gone
 		if fusetest.MustMounted(c.t, mnt) {
 			syscall.Unmount(mnt, syscall.MNT_DETACH)
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if _, err := os.ReadFile(filepath.Join(mnt, wantFile)); err == nil {
-			return cmd, stderr
-		}
-		time.Sleep(20 * time.Millisecond)
+	cmd := c.keyfsCmd("mount", mnt)
+	stderr := startChild(c.t, cmd)
+	if !poll(10*time.Second, func() bool { _, err := os.ReadFile(filepath.Join(mnt, wantFile)); return err == nil }) {
+		c.t.Fatalf("keyfs mount did not serve %s within 10s: %s", wantFile, stderr.String())
 	}
-	c.t.Fatalf("keyfs mount did not serve %s within 10s: %s", wantFile, stderr.String())
-	return nil, nil
+	return cmd, stderr
 }
 
 func TestMountLifecycle(t *testing.T) {
@@ -162,8 +148,7 @@ func TestMountKilledWhileStarting(t *testing.T) {
 	mnt := filepath.Join(t.TempDir(), "keys")
 	t.Cleanup(func() { abortFUSE(t, mnt) })
 	for run := range 30 {
-		cmd := exec.Command(keyfsBin, "mount", mnt)
-		cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
+		cmd := c.keyfsCmd("mount", mnt)
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -188,20 +173,23 @@ func TestMountKilledWhileStarting(t *testing.T) {
 
 // abortFUSE aborts the FUSE connection of the mount at mnt, if any, and
 // detaches it: what frees a process stuck on a dead server.
+// The fusectl file system it needs is mounted for the abort only.
 func abortFUSE(t *testing.T, mnt string) {
-	var st syscall.Stat_t
-	if !fusetest.MustMounted(t, mnt) || syscall.Stat(filepath.Dir(mnt), &st) != nil {
+	if !fusetest.MustMounted(t, mnt) {
 		return
 	}
+	const ctl = "/sys/fs/fuse/connections"
 	b, _ := os.ReadFile("/proc/self/mountinfo")
 	for _, l := range strings.Split(string(b), "\n") {
 		f := strings.Fields(l)
 		if len(f) > 4 && f[4] == mnt {
 			minor := f[2][strings.Index(f[2], ":")+1:]
-			if _, err := os.Stat("/sys/fs/fuse/connections/" + minor); err != nil {
-				syscall.Mount("none", "/sys/fs/fuse/connections", "fusectl", 0, "")
+			if _, err := os.Stat(ctl + "/" + minor); err != nil {
+				if err := syscall.Mount("none", ctl, "fusectl", 0, ""); err == nil {
+					defer syscall.Unmount(ctl, 0)
+				}
 			}
-			os.WriteFile("/sys/fs/fuse/connections/"+minor+"/abort", []byte("1"), 0)
+			os.WriteFile(ctl+"/"+minor+"/abort", []byte("1"), 0)
 		}
 	}
 	syscall.Unmount(mnt, syscall.MNT_DETACH)

@@ -78,16 +78,12 @@ func TestMasterRotation(t *testing.T) {
 	}
 
 	// Reseal under the running reader.
-	for deadline := time.Now().Add(5 * time.Second); reads.Load() < 50 && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
+	poll(5*time.Second, func() bool { return reads.Load() >= 50 })
 	before := reads.Load()
 	if r := c.must(0, "", "master", "reseal"); !strings.Contains(r.stderr, "resealed 3 record versions") {
 		t.Errorf("reseal: %s", r.stderr)
 	}
-	for deadline := time.Now().Add(2 * time.Second); reads.Load() < before+100 && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
+	poll(2*time.Second, func() bool { return reads.Load() >= before+100 })
 	close(stop)
 	wg.Wait()
 	if reads.Load() < before+100 || bad.Load() != 0 {

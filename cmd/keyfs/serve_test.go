@@ -23,7 +23,6 @@ import (
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/keyfs/keyfs/internal/fusetest"
-	"github.com/keyfs/keyfs/internal/syncbuf"
 )
 
 func freeAddr(t *testing.T) string {
@@ -62,20 +61,9 @@ func TestServe(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	cmd := exec.Command(keyfsBin, "serve", "--csi-endpoint", "unix://"+sock, "--node-id", "node-1",
+	cmd := c.keyfsCmd("serve", "--csi-endpoint", "unix://"+sock, "--node-id", "node-1",
 		"--kubelet-dir", kubelet, "--kubelet-registration-dir", regDir, "--metrics-addr", metrics, "--policy", policy)
-	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM=sim")
-	var logs syncbuf.Buffer
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			waitOrDump(t, cmd, 30*time.Second, &logs)
-		}
-	})
+	logs := startChild(t, cmd)
 	healthz := func() int {
 		r, err := http.Get("http://" + metrics + "/healthz")
 		if err != nil {
@@ -84,12 +72,8 @@ func TestServe(t *testing.T) {
 		r.Body.Close()
 		return r.StatusCode
 	}
-	deadline := time.Now().Add(15 * time.Second)
-	for healthz() != 200 {
-		if time.Now().After(deadline) {
-			t.Fatalf("serve not healthy within 15s: %s", logs.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+	if !poll(15*time.Second, func() bool { return healthz() == 200 }) {
+		t.Fatalf("serve not healthy within 15s: %s", logs.String())
 	}
 
 	node := csi.NewNodeClient(dialUnix(t, sock))
@@ -125,11 +109,8 @@ func TestServe(t *testing.T) {
 	if err := os.WriteFile(policy, []byte("tenants:\n  beta:\n    namespaces: [acme]\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), `"msg":"policy reloaded"`); {
-		if time.Now().After(deadline) {
-			t.Fatalf("policy change not logged within 10s:\n%s", logs.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+	if !poll(10*time.Second, func() bool { return strings.Contains(logs.String(), `"msg":"policy reloaded"`) }) {
+		t.Fatalf("policy change not logged within 10s:\n%s", logs.String())
 	}
 
 	// Metrics count the publish, the denial and the read.
@@ -158,7 +139,7 @@ func TestServe(t *testing.T) {
 		t.Fatalf("target after unpublish: %v", err)
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
-	if err := waitOrDump(t, cmd, 30*time.Second, &logs); err != nil {
+	if err := waitOrDump(t, cmd, 30*time.Second, logs); err != nil {
 		t.Fatalf("serve after SIGTERM: %v\n%s", err, logs.String())
 	}
 	if strings.Contains(logs.String(), "sk-serve") {
@@ -234,37 +215,19 @@ func TestDaemonsRefuseUnprotectedMemory(t *testing.T) {
 	metrics := freeAddr(t)
 	serveArgs[len(serveArgs)-1] = metrics
 	cmd := unlocked(append(serveArgs, "--insecure-allow-unlocked-memory")...)
-	var logs syncbuf.Buffer
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	logs := startChild(t, cmd)
+	var body string
+	if !poll(15*time.Second, func() bool { body = metricsText(metrics); return body != "" }) {
+		t.Fatalf("serve with --insecure-allow-unlocked-memory did not serve /metrics: %s", logs.String())
 	}
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			waitOrDump(t, cmd, 30*time.Second, &logs)
-		}
-	})
-	var body []byte
-	for deadline := time.Now().Add(15 * time.Second); ; {
-		if r, err := http.Get("http://" + metrics + "/metrics"); err == nil {
-			body, _ = io.ReadAll(r.Body)
-			r.Body.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("serve with --insecure-allow-unlocked-memory did not serve /metrics: %s", logs.String())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if !strings.Contains(string(body), "keyfs_insecure_unlocked_memory 1") {
+	if !strings.Contains(body, "keyfs_insecure_unlocked_memory 1") {
 		t.Errorf("/metrics does not show the unprotected memory")
 	}
 	if !strings.Contains(logs.String(), "UNPROTECTED memory") {
 		t.Errorf("no warning logged: %s", logs.String())
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
-	if err := waitOrDump(t, cmd, 30*time.Second, &logs); err != nil {
+	if err := waitOrDump(t, cmd, 30*time.Second, logs); err != nil {
 		t.Fatalf("serve after SIGTERM: %v\n%s", err, logs.String())
 	}
 }

@@ -55,17 +55,23 @@ func (g *globals) noState(err error) error {
 	return err
 }
 
+// publicKey returns the current master's public key.
 func (g *globals) publicKey() (*keystore.PublicKey, error) {
 	if err := g.settleMaster(); err != nil {
 		return nil, err
 	}
-	b, err := os.ReadFile(g.path("master.pub"))
+	return g.readPublicKey("master.pub")
+}
+
+// readPublicKey reads the public key file name of the state directory.
+func (g *globals) readPublicKey(name string) (*keystore.PublicKey, error) {
+	b, err := os.ReadFile(g.path(name))
 	if err != nil {
 		return nil, g.noState(err)
 	}
 	p, err := keystore.ParsePublicKey(b)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", g.path("master.pub"), err)
+		return nil, fmt.Errorf("%s: %w", g.path(name), err)
 	}
 	return p, nil
 }

@@ -198,7 +198,7 @@ func (l *Logger) Log(e Event) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	err := l.append(e)
+	_, err := l.append(e)
 	if err == nil && l.cp != nil && l.f != nil && e.Event != "checkpoint" {
 		if l.sinceCP++; l.sinceCP >= CheckpointEvery {
 			err = l.checkpointLocked()
@@ -214,50 +214,56 @@ func (l *Logger) Log(e Event) error {
 	return err
 }
 
-// append writes one event; l.mu is held.
-func (l *Logger) append(e Event) error {
+// append writes one event and returns its line; l.mu is held. A
+// checkpoint gets its MAC here, over the chain head it follows, under the
+// file lock that keeps other writers from moving that head.
+func (l *Logger) append(e Event) ([]byte, error) {
 	if e.Time.IsZero() {
 		e.Time = time.Now().UTC()
 	}
 	if l.f == nil { // a plain writer
 		line, err := json.Marshal(e)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		_, err = l.w.Write(append(line, '\n'))
-		return err
+		line = append(line, '\n')
+		_, err = l.w.Write(line)
+		return line, err
 	}
 	if err := unix.Flock(int(l.lock.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("lock audit log: %w", err)
+		return nil, fmt.Errorf("lock audit log: %w", err)
 	}
 	defer unix.Flock(int(l.lock.Fd()), unix.LOCK_UN)
 	size, err := l.current()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	e.Seq, e.Prev = l.seq+1, l.head
+	if e.Event == "checkpoint" && l.cp != nil {
+		e.KID, e.MAC = l.cp.KID(), hex.EncodeToString(l.cp.AuditMAC(CheckpointMessage(e.Prev, e.Seq)))
+	}
 	line, err := json.Marshal(e)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	line = append(line, '\n')
 	if l.maxBytes > 0 && size > 0 && size+int64(len(line)) > l.maxBytes {
 		if err := l.rotate(); err != nil {
-			return fmt.Errorf("rotate audit log: %w", err)
+			return nil, fmt.Errorf("rotate audit log: %w", err)
 		}
 		size = 0
 	}
 	n, err := l.f.Write(line)
 	if err != nil {
 		l.known = false
-		return fmt.Errorf("write audit log: %w", err)
+		return nil, fmt.Errorf("write audit log: %w", err)
 	}
 	sum := sha256.Sum256(line[:n-1])
 	l.head, l.seq, l.headSize, l.known = hex.EncodeToString(sum[:]), e.Seq, size+int64(n), true
 	if l.tee != nil {
 		l.tee.Write(line)
 	}
-	return nil
+	return line, nil
 }
 
 // current makes sure f is the file at path (another process may have
@@ -351,32 +357,11 @@ func (l *Logger) checkpointLocked() error {
 	if l.f == nil {
 		return nil // a plain writer has no chain to anchor
 	}
-	if err := unix.Flock(int(l.lock.Fd()), unix.LOCK_EX); err != nil {
-		return fmt.Errorf("lock audit log: %w", err)
-	}
-	defer unix.Flock(int(l.lock.Fd()), unix.LOCK_UN)
-	if _, err := l.current(); err != nil {
-		return err
-	}
-	seq, prev := l.seq+1, l.head
-	e := Event{Time: time.Now().UTC(), Seq: seq, Prev: prev, Event: "checkpoint", KID: l.cp.KID(), PID: os.Getpid(),
-		MAC: hex.EncodeToString(l.cp.AuditMAC(CheckpointMessage(prev, seq)))}
-	line, err := json.Marshal(e)
+	line, err := l.append(Event{Event: "checkpoint", PID: os.Getpid()})
 	if err != nil {
 		return err
 	}
-	line = append(line, '\n')
-	n, err := l.f.Write(line)
-	if err != nil {
-		l.known = false
-		return fmt.Errorf("write audit checkpoint: %w", err)
-	}
-	sum := sha256.Sum256(line[:n-1])
-	l.head, l.seq, l.headSize = hex.EncodeToString(sum[:]), seq, l.headSize+int64(n)
 	l.sinceCP = 0
-	if l.tee != nil {
-		l.tee.Write(line)
-	}
 	if err := writeAnchor(Anchor(l.path), line); err != nil {
 		return fmt.Errorf("write audit anchor: %w", err)
 	}
@@ -490,7 +475,26 @@ func (f Filter) match(e *Event) bool {
 // first, and returns the events f selects.
 func Query(path string, f Filter) ([]Event, error) {
 	var out []Event
-	found := false
+	files, err := eachLine(path, func(p string, n int, line []byte) error {
+		var e Event
+		if err := json.Unmarshal(line, &e); err != nil {
+			return fmt.Errorf("audit log %s line %d is not an audit event: %w", p, n, err)
+		}
+		if f.match(&e) {
+			out = append(out, e)
+		}
+		return nil
+	})
+	if err == nil && len(files) == 0 {
+		err = fmt.Errorf("no audit log at %s: events are written there by keyfs mount and keyfs serve: %w", path, fs.ErrNotExist)
+	}
+	return out, err
+}
+
+// eachLine calls f for every line of the audit trail at path, oldest
+// first: the rotated files path.Keep … path.1, then path. It returns the
+// files it read.
+func eachLine(path string, f func(file string, n int, line []byte) error) (files []string, err error) {
 	for i := Keep; i >= 0; i-- {
 		p := path
 		if i > 0 {
@@ -501,31 +505,24 @@ func Query(path string, f Filter) ([]Event, error) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("read audit log: %w", err)
+			return files, fmt.Errorf("read audit log: %w", err)
 		}
-		found = true
+		files = append(files, p)
 		sc := bufio.NewScanner(fh)
 		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		for n := 1; sc.Scan(); n++ {
-			var e Event
-			if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			if err := f(p, n, sc.Bytes()); err != nil {
 				fh.Close()
-				return nil, fmt.Errorf("audit log %s line %d is not an audit event: %w", p, n, err)
-			}
-			if f.match(&e) {
-				out = append(out, e)
+				return files, err
 			}
 		}
 		err = sc.Err()
 		fh.Close()
 		if err != nil {
-			return nil, fmt.Errorf("read audit log %s: %w", p, err)
+			return files, fmt.Errorf("read audit log %s: %w", p, err)
 		}
 	}
-	if !found {
-		return nil, fmt.Errorf("no audit log at %s: events are written there by keyfs mount and keyfs serve: %w", path, fs.ErrNotExist)
-	}
-	return out, nil
+	return files, nil
 }
 
 // podRE finds a pod UID in a cgroup path, cgroupfs (/kubepods/burstable/pod<uid>/…)

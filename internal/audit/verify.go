@@ -1,7 +1,6 @@
 package audit
 
 import (
-	"bufio"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -9,7 +8,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"strconv"
 )
 
 // CheckMAC verifies a checkpoint MAC made by master key kid.
@@ -54,74 +52,57 @@ func Verify(path string, check CheckMAC) (*Verified, error) {
 	var lastHash string
 	var lastSeq uint64
 	started := false
-	for i := Keep; i >= 0; i-- {
-		p := path
-		if i > 0 {
-			p += "." + strconv.Itoa(i)
+	files, err := eachLine(path, func(p string, n int, line []byte) error {
+		sum := sha256.Sum256(line)
+		hash := hex.EncodeToString(sum[:])
+		bad := func(seq uint64, what string) { v.Problems = append(v.Problems, Problem{p, n, seq, what}) }
+		var e Event
+		if err := json.Unmarshal(line, &e); err != nil {
+			bad(lastSeq+1, "not an audit event (edited, or a writer killed mid-line)")
+			lastHash = hash
+			return nil
 		}
-		f, err := os.Open(p)
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read audit log: %w", err)
-		}
-		v.Files = append(v.Files, p)
-		sc := bufio.NewScanner(f)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for n := 1; sc.Scan(); n++ {
-			line := sc.Bytes()
-			sum := sha256.Sum256(line)
-			hash := hex.EncodeToString(sum[:])
-			bad := func(seq uint64, what string) { v.Problems = append(v.Problems, Problem{p, n, seq, what}) }
-			var e Event
-			if err := json.Unmarshal(line, &e); err != nil {
-				bad(lastSeq+1, "not an audit event (edited, or a writer killed mid-line)")
-				lastHash = hash
-				continue
-			}
-			if e.Seq == 0 {
-				if started {
-					bad(0, "an unchained event inside the chain (inserted)")
-				} else {
-					v.Legacy++
-				}
-				continue
-			}
-			v.Events++
-			switch {
-			case !started:
-				v.FirstSeq = e.Seq
-			case e.Seq > lastSeq+1:
-				bad(e.Seq, fmt.Sprintf("the chain jumps from seq %d to %d: %d events deleted", lastSeq, e.Seq, e.Seq-lastSeq-1))
-			case e.Seq <= lastSeq:
-				bad(e.Seq, fmt.Sprintf("seq %d after seq %d: events reordered or inserted", e.Seq, lastSeq))
-			case e.Prev != lastHash:
-				bad(e.Seq, "does not chain to the event before it: it or the one before was edited, or one was inserted or reordered")
-			}
-			started = true
-			if e.Event == "checkpoint" {
-				v.Checkpoints++
-				mac, err := hex.DecodeString(e.MAC)
-				if err == nil {
-					err = check(e.KID, CheckpointMessage(e.Prev, e.Seq), mac)
-				}
-				if err != nil {
-					bad(e.Seq, fmt.Sprintf("checkpoint does not verify (%v): the trail before it was rewritten", err))
-				}
-				v.LastCheckpoint, v.Unanchored = e.Seq, 0
-				v.checkpointHashes[e.Seq] = hash
+		if e.Seq == 0 {
+			if started {
+				bad(0, "an unchained event inside the chain (inserted)")
 			} else {
-				v.Unanchored++
+				v.Legacy++
 			}
-			lastHash, lastSeq = hash, e.Seq
+			return nil
 		}
-		err = sc.Err()
-		f.Close()
-		if err != nil {
-			return nil, fmt.Errorf("read audit log %s: %w", p, err)
+		v.Events++
+		switch {
+		case !started:
+			v.FirstSeq = e.Seq
+		case e.Seq > lastSeq+1:
+			bad(e.Seq, fmt.Sprintf("the chain jumps from seq %d to %d: %d events deleted", lastSeq, e.Seq, e.Seq-lastSeq-1))
+		case e.Seq <= lastSeq:
+			bad(e.Seq, fmt.Sprintf("seq %d after seq %d: events reordered or inserted", e.Seq, lastSeq))
+		case e.Prev != lastHash:
+			bad(e.Seq, "does not chain to the event before it: it or the one before was edited, or one was inserted or reordered")
 		}
+		started = true
+		if e.Event == "checkpoint" {
+			v.Checkpoints++
+			mac, err := hex.DecodeString(e.MAC)
+			if err == nil {
+				err = check(e.KID, CheckpointMessage(e.Prev, e.Seq), mac)
+			}
+			if err != nil {
+				bad(e.Seq, fmt.Sprintf("checkpoint does not verify (%v): the trail before it was rewritten", err))
+			}
+			v.LastCheckpoint, v.Unanchored = e.Seq, 0
+			v.checkpointHashes[e.Seq] = hash
+		} else {
+			v.Unanchored++
+		}
+		lastHash, lastSeq = hash, e.Seq
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
+	v.Files = files
 	if len(v.Files) == 0 {
 		return nil, fmt.Errorf("no audit log at %s: %w", path, fs.ErrNotExist)
 	}
