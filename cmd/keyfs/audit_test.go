@@ -171,7 +171,7 @@ func TestAuditRequired(t *testing.T) {
 			t.Errorf("audit-required=%v on a full audit file system: read error %v", required, err)
 		}
 		// Without --audit-required the event is written after the reply.
-		poll(5*time.Second, func() bool { return strings.Contains(logs.String(), "audit event not written") })
+		logged(logs, "audit event not written")
 		undo()
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()

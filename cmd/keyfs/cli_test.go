@@ -133,6 +133,12 @@ func poll(d time.Duration, cond func() bool) bool {
 	return true
 }
 
+// logged reports whether a running child's log shows s within a few
+// seconds: what the child wrote reaches logs through a pipe, a little later.
+func logged(logs *syncbuf.Buffer, s string) bool {
+	return poll(5*time.Second, func() bool { return strings.Contains(logs.String(), s) })
+}
+
 // metricsText returns serve's /metrics text at addr, "" while it does not answer.
 func metricsText(addr string) string {
 	r, err := http.Get("http://" + addr + "/metrics")

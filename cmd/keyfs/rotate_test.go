@@ -114,7 +114,7 @@ func TestMasterRotation(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(mnt, "beta", "gemini")); err != nil || string(b) != "sk-rot-gemini" {
 		t.Errorf("read after retire through the running mount: %q %v", b, err)
 	}
-	if !strings.Contains(stderr.String(), "master key "+kid2+" unsealed") {
+	if !logged(stderr, "master key "+kid2+" unsealed") {
 		t.Errorf("the running mount did not pick up the new master:\n%s", stderr.String())
 	}
 	mount.Process.Signal(syscall.SIGTERM)

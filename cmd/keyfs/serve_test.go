@@ -109,7 +109,7 @@ func TestServe(t *testing.T) {
 	if err := os.WriteFile(policy, []byte("tenants:\n  beta:\n    namespaces: [acme]\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if !poll(10*time.Second, func() bool { return strings.Contains(logs.String(), `"msg":"policy reloaded"`) }) {
+	if !logged(logs, `"msg":"policy reloaded"`) {
 		t.Fatalf("policy change not logged within 10s:\n%s", logs.String())
 	}
 
@@ -223,7 +223,7 @@ func TestDaemonsRefuseUnprotectedMemory(t *testing.T) {
 	if !strings.Contains(body, "keyfs_insecure_unlocked_memory 1") {
 		t.Errorf("/metrics does not show the unprotected memory")
 	}
-	if !strings.Contains(logs.String(), "UNPROTECTED memory") {
+	if !logged(logs, "UNPROTECTED memory") {
 		t.Errorf("no warning logged: %s", logs.String())
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
