@@ -34,7 +34,8 @@ printf 'sk-demo-beta-openai-%s' "$RANDOM$RANDOM" | "$keyfs" put beta/openai
 show "$keyfs" ls
 
 step "Mount them read-only at $mnt"
-"$keyfs" mount "$mnt" 2>"$demo/mount.log" &
+# --audit-required: an open's audit event is on disk before its bytes are returned.
+"$keyfs" mount --audit-required "$mnt" 2>"$demo/mount.log" &
 pid=$!
 for _ in $(seq 100); do [ -d "$mnt/acme" ] && break; sleep 0.1; done
 [ -d "$mnt/acme" ] || { cat "$demo/mount.log" >&2; echo "mount did not come up" >&2; exit 1; }
@@ -44,7 +45,7 @@ show cat "$mnt/acme/openai"; echo
 step "Writes are refused"
 printf '$ echo x > %s\n' "$mnt/acme/openai"
 ( echo x > "$mnt/acme/openai" ) 2>&1 | sed 's/^/  /' || true
-step "Every open is audited (pid, uid, tenant, key, version; never a value)"
+step "Every open is audited before it returns (pid, uid, tenant, key, version; never a value)"
 show "$keyfs" audit --key acme/openai
 step "The state directory holds no plaintext"
 printf '$ grep -r sk-demo %s\n' "$KEYFS_STATE"
