@@ -37,6 +37,40 @@ type Snapshot struct {
 	done    chan struct{}
 }
 
+// NewSnapshot makes a snapshot of tenants, for a Store implementation;
+// tenants without keys are left out. Publish it with a Published.
+func NewSnapshot(tenants map[string]*Tenant) *Snapshot {
+	s := &Snapshot{tenants: make(map[string]*Tenant, len(tenants)), done: make(chan struct{})}
+	for n, t := range tenants {
+		if t != nil && len(t.keys) > 0 {
+			s.tenants[n] = t
+			s.names = append(s.names, n)
+		}
+	}
+	slices.Sort(s.names)
+	return s
+}
+
+// Published holds a Store's current snapshot and announces its successor.
+type Published struct{ p atomic.Pointer[Snapshot] }
+
+// Snapshot returns the current snapshot, nil before the first Publish.
+func (p *Published) Snapshot() *Snapshot { return p.p.Load() }
+
+// Publish makes s current and closes the old snapshot's Superseded; a
+// snapshot holding the same tenants as the current one is dropped, so
+// views see no change. Callers serialize their Publish calls.
+func (p *Published) Publish(s *Snapshot) {
+	old := p.p.Load()
+	if old != nil && s.sameAs(old) {
+		return
+	}
+	p.p.Store(s)
+	if old != nil {
+		close(old.done)
+	}
+}
+
 // Tenants lists the tenants holding at least one key, sorted.
 func (s *Snapshot) Tenants() []string { return s.names }
 
@@ -56,6 +90,18 @@ type Tenant struct {
 	// (timestamps are coarse), so list it again at the next change.
 	mtime time.Time
 	racy  bool
+}
+
+// NewTenant makes a tenant of keys, for a Store implementation; one key
+// per name.
+func NewTenant(keys []*Key) *Tenant {
+	t := &Tenant{keys: make(map[string]*Key, len(keys))}
+	for _, k := range keys {
+		t.keys[k.Name] = k
+		t.names = append(t.names, k.Name)
+	}
+	slices.Sort(t.names)
+	return t
 }
 
 // Key returns key name, or nil. A nil Tenant holds no keys.
@@ -79,9 +125,15 @@ func (t *Tenant) Names() []string {
 type Key struct {
 	Entry
 	load  func(Entry) (*Record, error)
-	cache *recordCache // nil: rec is never dropped
+	cache *RecordCache // nil: rec is never dropped
 	meta  atomic.Pointer[keyMeta]
 	rec   atomic.Pointer[Record] // ciphertext only
+}
+
+// NewKey makes a key for a Store implementation: load fetches its record
+// on first use, and cache, if not nil, bounds how many stay in memory.
+func NewKey(e Entry, load func(Entry) (*Record, error), cache *RecordCache) *Key {
+	return &Key{Entry: e, load: load, cache: cache}
 }
 
 type keyMeta struct {
@@ -126,20 +178,23 @@ func (k *Key) Attrs() (size int64, created time.Time) {
 	return m.size, m.created
 }
 
-// recordCacheSize bounds the parsed records a local index holds, about
-// 1.3 KB each, mostly the KEM encapsulation. It is a hot set: with more
-// keys than this, the rest are read from disk on open; sizes stay known.
-const recordCacheSize = 4096
+// RecordCacheSize bounds the parsed records an index holds, about 1.3 KB
+// each, mostly the KEM encapsulation. It is a hot set: with more keys
+// than this, the rest are loaded again on open; sizes stay known.
+const RecordCacheSize = 4096
 
-// recordCache bounds the records Keys hold: ciphertext only, safe in
-// memory, saving a file read and parse per open. First in, first out.
-type recordCache struct {
+// RecordCache bounds the records Keys hold: ciphertext only, safe in
+// memory, saving a read and parse per open. First in, first out.
+type RecordCache struct {
 	mu   sync.Mutex
 	ring []*Key
 	next int
 }
 
-func (c *recordCache) add(k *Key) {
+// NewRecordCache holds up to n records.
+func NewRecordCache(n int) *RecordCache { return &RecordCache{ring: make([]*Key, n)} }
+
+func (c *RecordCache) add(k *Key) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if old := c.ring[c.next]; old != nil && old != k {
@@ -152,11 +207,10 @@ func (c *recordCache) add(k *Key) {
 // DirIndex is the local directory store as a Store: one poller of the
 // store's generation file for the whole daemon, and one record cache.
 type DirIndex struct {
+	Published
 	d     *Dir
 	log   *slog.Logger
-	cache recordCache
-
-	snap atomic.Pointer[Snapshot]
+	cache *RecordCache
 
 	mu      sync.Mutex // one scan at a time
 	gen     string     // generation the snapshot reflects
@@ -178,8 +232,7 @@ func WatchDir(d *Dir, poll time.Duration, log *slog.Logger) (*DirIndex, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	x := &DirIndex{d: d, log: log, stop: make(chan struct{}), done: make(chan struct{})}
-	x.cache.ring = make([]*Key, recordCacheSize)
+	x := &DirIndex{d: d, log: log, cache: NewRecordCache(RecordCacheSize), stop: make(chan struct{}), done: make(chan struct{})}
 	gen, err := d.Gen()
 	if err != nil {
 		return nil, fmt.Errorf("index %s: %w", d.Root(), err)
@@ -189,12 +242,10 @@ func WatchDir(d *Dir, poll time.Duration, log *slog.Logger) (*DirIndex, error) {
 		return nil, fmt.Errorf("index %s: %w", d.Root(), err)
 	}
 	x.gen = gen
-	x.snap.Store(snap)
+	x.Publish(snap)
 	go x.watch(poll)
 	return x, nil
 }
-
-func (x *DirIndex) Snapshot() *Snapshot { return x.snap.Load() }
 
 // Refresh rescans the store now if its generation moved.
 func (x *DirIndex) Refresh() error { return x.refresh() }
@@ -228,7 +279,7 @@ func (x *DirIndex) watch(poll time.Duration) {
 func (x *DirIndex) refresh() error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
-	old := x.snap.Load()
+	old := x.Snapshot()
 	gen, err := x.d.Gen()
 	if err != nil {
 		return x.failed("cannot read store generation", err)
@@ -241,10 +292,7 @@ func (x *DirIndex) refresh() error {
 		return x.failed("cannot rescan store", err)
 	}
 	x.gen, x.lastErr = gen, nil
-	if !snap.sameAs(old) {
-		x.snap.Store(snap)
-		close(old.done)
-	}
+	x.Publish(snap)
 	return nil
 }
 
@@ -328,7 +376,7 @@ func (x *DirIndex) scanTenant(name string, prev *Tenant, start time.Time) (*Tena
 		if k := prev.Key(e.Name); k != nil && k.Entry == e {
 			t.keys[e.Name] = k
 		} else {
-			t.keys[e.Name] = &Key{Entry: e, load: x.d.Read, cache: &x.cache}
+			t.keys[e.Name] = NewKey(e, x.d.Read, x.cache)
 		}
 		t.names = append(t.names, e.Name) // Keys is sorted
 	}

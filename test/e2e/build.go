@@ -3,8 +3,6 @@ package main
 import (
 	"archive/tar"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,16 +10,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"time"
 
 	"github.com/keyfs/keyfs/internal/imagetar"
+	"github.com/keyfs/keyfs/internal/k8sbin"
 )
-
-// k8sVersion is what test/e2e/k8s/go.mod pins; the binaries report it.
-const k8sVersion = "v1.33.13"
-
-var k8sCommands = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"}
 
 // toolsRef is the e2e test image: the pods' program and the sandbox pause.
 const toolsRef = "localhost/keyfs-e2e/tools:1"
@@ -33,24 +26,16 @@ const toolsRef = "localhost/keyfs-e2e/tools:1"
 // what changed. A cold build takes about 10 minutes on 2 cores and 2 GB.
 func (h *harness) buildKubernetes(ctx context.Context) error {
 	wrapper := filepath.Join(h.repo, "test", "e2e", "k8s")
-	hash := sha256.New()
-	for _, f := range []string{"go.mod", "go.sum"} {
-		b, err := os.ReadFile(filepath.Join(wrapper, f))
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(hash, "%s %d\n", f, len(b))
-		hash.Write(b)
+	dir, err := k8sbin.Dir(h.repo, h.cache)
+	if err != nil {
+		return err
 	}
-	fmt.Fprintf(hash, "%s %s %s/%s\n", runtime.Version(), k8sVersion, runtime.GOOS, runtime.GOARCH)
-	key := hex.EncodeToString(hash.Sum(nil))[:16]
-	dir := filepath.Join(h.cache, "bin", key)
 	h.k8sBin = dir
-	if haveAll(dir, k8sCommands) {
-		h.logf("Kubernetes %s: cached in %s", k8sVersion, dir)
+	if k8sbin.Have(dir) {
+		h.logf("Kubernetes %s: cached in %s", k8sbin.Version, dir)
 		return nil
 	}
-	h.logf("building Kubernetes %s (%v) from source: about 10 minutes on 2 cores the first time", k8sVersion, k8sCommands)
+	h.logf("building Kubernetes %s (%v) from source: about 10 minutes on 2 cores the first time", k8sbin.Version, k8sbin.Commands)
 	t := time.Now()
 	tmp := dir + ".tmp"
 	os.RemoveAll(tmp)
@@ -58,12 +43,12 @@ func (h *harness) buildKubernetes(ctx context.Context) error {
 		return err
 	}
 	ld := "-s -w" +
-		" -X k8s.io/component-base/version.gitVersion=" + k8sVersion +
+		" -X k8s.io/component-base/version.gitVersion=" + k8sbin.Version +
 		" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=33" +
 		" -X k8s.io/component-base/version.gitTreeState=clean" +
-		" -X k8s.io/client-go/pkg/version.gitVersion=" + k8sVersion
+		" -X k8s.io/client-go/pkg/version.gitVersion=" + k8sbin.Version
 	args := []string{"-n", "19", "go", "build", "-trimpath", "-ldflags", ld, "-o", tmp + "/"}
-	for _, c := range k8sCommands {
+	for _, c := range k8sbin.Commands {
 		args = append(args, "k8s.io/kubernetes/cmd/"+c)
 	}
 	cmd := exec.CommandContext(ctx, "nice", args...)
@@ -97,15 +82,6 @@ func (h *harness) buildKubernetes(ctx context.Context) error {
 	}
 	h.logf("built Kubernetes in %s, cached in %s", since(t), dir)
 	return nil
-}
-
-func haveAll(dir string, names []string) bool {
-	for _, n := range names {
-		if fi, err := os.Stat(filepath.Join(dir, n)); err != nil || fi.Mode()&0o111 == 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // buildImages gets the keyfs image (the given tarball from `make image`,

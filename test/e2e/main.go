@@ -24,6 +24,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/keyfs/keyfs/internal/k8sbin"
 )
 
 type options struct {
@@ -40,7 +42,7 @@ type options struct {
 func main() {
 	var o options
 	flag.StringVar(&o.root, "root", "", "temporary root for all cluster state (default: a new directory under $TMPDIR)")
-	flag.StringVar(&o.cache, "cache", envOr("KEYFS_E2E_CACHE", "/var/cache/keyfs-e2e"), "persistent cache: Kubernetes binaries, Go module and build caches (env KEYFS_E2E_CACHE)")
+	flag.StringVar(&o.cache, "cache", k8sbin.DefaultCache(), "persistent cache: Kubernetes binaries, Go module and build caches (env KEYFS_E2E_CACHE)")
 	flag.StringVar(&o.image, "image", "", "keyfs image tarball from `make image` (default: build one)")
 	flag.StringVar(&o.keyfs, "keyfs", "", "the static keyfs binary in that image, used on the host for keyfs put/rm (default: build one)")
 	flag.BoolVar(&o.noDeps, "no-deps", false, "do not apt-get install missing Debian packages")
@@ -53,13 +55,6 @@ func main() {
 		os.Exit(2)
 	}
 	os.Exit(run(o))
-}
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
 }
 
 func run(o options) int {

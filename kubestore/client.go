@@ -1,0 +1,337 @@
+package kubestore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/keyfs/keyfs/keystore"
+)
+
+// DefaultNamespace is where manifests/ put keyfs and its SealedKeys.
+const DefaultNamespace = "keyfs-system"
+
+// Config finds the API server: the kubeconfig file given, else KUBECONFIG
+// or ~/.kube/config, else the pod's in-cluster service account.
+func Config(kubeconfig string) (*rest.Config, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = kubeconfig
+	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("find the Kubernetes API: %w (give --kubeconfig, set KUBECONFIG, or run in a pod)", err)
+	}
+	return cfg, nil
+}
+
+// Client reads and writes keyfs objects; SealedKeys in one namespace.
+type Client struct {
+	rest      rest.Interface
+	namespace string
+	timeout   time.Duration
+}
+
+// New makes a client of cfg for SealedKeys in namespace.
+func New(cfg *rest.Config, namespace string) (*Client, error) {
+	c := rest.CopyConfig(cfg)
+	c.GroupVersion = &GroupVersion
+	c.APIPath = "/apis"
+	c.NegotiatedSerializer = codecs.WithoutConversion()
+	c.ContentType = "application/json"
+	if c.UserAgent == "" {
+		c.UserAgent = "keyfs"
+	}
+	rc, err := rest.RESTClientFor(c)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	return &Client{rest: rc, namespace: namespace, timeout: 30 * time.Second}, nil
+}
+
+// Namespace is where the client's SealedKeys live.
+func (c *Client) Namespace() string { return c.namespace }
+
+func (c *Client) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), c.timeout)
+}
+
+// apiError says what the API refused, wrapping keystore's error kinds.
+func apiError(what string, err error) error {
+	switch {
+	case apierrors.IsNotFound(err):
+		return fmt.Errorf("%s: %w: %w", what, keystore.ErrNotFound, err)
+	case apierrors.IsForbidden(err):
+		return fmt.Errorf("%s: %w (the keyfs-sealedkey-writer ClusterRole in manifests/cluster grants what keyfs put, rm and import need)", what, err)
+	case apierrors.IsConflict(err), apierrors.IsAlreadyExists(err):
+		return fmt.Errorf("%s: %w: %w", what, keystore.ErrConflict, err)
+	case apierrors.IsInvalid(err):
+		return fmt.Errorf("%s: %w: %w", what, keystore.ErrIntegrity, err)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// GetSealedKey returns tenant/name's object.
+func (c *Client) GetSealedKey(tenant, name string) (*SealedKey, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	var o SealedKey
+	err := c.rest.Get().Namespace(c.namespace).Resource("sealedkeys").Name(ObjectName(tenant, name)).Do(ctx).Into(&o)
+	if err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, fmt.Errorf("%w: no key %s/%s in namespace %s (keyfs ls --store kubernetes lists what is stored)", keystore.ErrNotFound, tenant, name, c.namespace)
+		}
+		return nil, apiError("get SealedKey "+ObjectName(tenant, name), err)
+	}
+	return &o, nil
+}
+
+// ListSealedKeys lists every SealedKey of the namespace.
+func (c *Client) ListSealedKeys(opts metav1.ListOptions) (*SealedKeyList, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	var l SealedKeyList
+	if err := c.rest.Get().Namespace(c.namespace).Resource("sealedkeys").VersionedParams(&opts, parameterCodec).Do(ctx).Into(&l); err != nil {
+		return nil, apiError("list SealedKeys in "+c.namespace, err)
+	}
+	return &l, nil
+}
+
+// NewSealedKey is the object holding r, in namespace: what
+// `keyfs seal -o yaml` prints and `keyfs put` writes.
+func NewSealedKey(namespace string, r *keystore.Record) *SealedKey {
+	return &SealedKey{
+		TypeMeta: metav1.TypeMeta{APIVersion: GroupVersion.String(), Kind: "SealedKey"},
+		ObjectMeta: metav1.ObjectMeta{Name: ObjectName(r.Tenant, r.Name), Namespace: namespace,
+			Labels: map[string]string{"keyfs.dev/tenant": r.Tenant}},
+		Spec: SealedKeySpec{Tenant: r.Tenant, Name: r.Name, Record: string(r.Marshal())},
+	}
+}
+
+// write stores r as its key's object: created, or replacing old (nil:
+// none) only if old is still current.
+func (c *Client) write(r *keystore.Record, old *SealedKey) error {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	o := NewSealedKey(c.namespace, r)
+	var err error
+	if old == nil {
+		err = c.rest.Post().Namespace(c.namespace).Resource("sealedkeys").Body(o).Do(ctx).Error()
+	} else {
+		o.ResourceVersion = old.ResourceVersion
+		err = c.rest.Put().Namespace(c.namespace).Resource("sealedkeys").Name(o.Name).Body(o).Do(ctx).Error()
+	}
+	if err != nil {
+		return apiError("write SealedKey "+o.Name, err)
+	}
+	return nil
+}
+
+// recordOf parses o's record and checks that it belongs where it is stored.
+func recordOf(o *SealedKey) (*keystore.Record, error) {
+	if want := ObjectName(o.Spec.Tenant, o.Spec.Name); o.Name != want {
+		return nil, fmt.Errorf("%w: SealedKey %s/%s holds %s/%s, whose object is named %s", keystore.ErrIntegrity, o.Namespace, o.Name, o.Spec.Tenant, o.Spec.Name, want)
+	}
+	r, err := keystore.ParseRecord([]byte(o.Spec.Record))
+	if err != nil {
+		return nil, fmt.Errorf("SealedKey %s/%s: %w", o.Namespace, o.Name, err)
+	}
+	if r.Tenant != o.Spec.Tenant || r.Name != o.Spec.Name {
+		return nil, fmt.Errorf("%w: SealedKey %s/%s for %s/%s holds the record of %s/%s: records cannot be moved or renamed",
+			keystore.ErrIntegrity, o.Namespace, o.Name, o.Spec.Tenant, o.Spec.Name, r.Tenant, r.Name)
+	}
+	return r, nil
+}
+
+// versionOf is o's record version, 0 when it does not parse.
+func versionOf(o *SealedKey) uint64 {
+	if r, err := recordOf(o); err == nil {
+		return r.Version
+	}
+	return 0
+}
+
+// retries bounds the optimistic-concurrency loop of Put: another writer
+// won the race this many times in a row.
+const retries = 5
+
+// Put seals a new version of tenant/name and stores it: the larger of the
+// stored version + 1 and the current Unix time, as the local store does.
+func (c *Client) Put(tenant, name string, seal func(version uint64) (*keystore.Record, error)) (*keystore.Record, error) {
+	for range retries {
+		old, err := c.GetSealedKey(tenant, name)
+		if err != nil && !errors.Is(err, keystore.ErrNotFound) {
+			return nil, err
+		}
+		v := uint64(time.Now().Unix())
+		if old != nil {
+			v = max(v, versionOf(old)+1)
+		}
+		r, err := seal(v)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.write(r, old); !errors.Is(err, keystore.ErrConflict) {
+			return r, err
+		}
+	}
+	return nil, fmt.Errorf("%w: %s/%s changed under %d writes in a row; try again", keystore.ErrConflict, tenant, name, retries)
+}
+
+// Import stores a record sealed elsewhere; its version must be newer than
+// the stored one.
+func (c *Client) Import(r *keystore.Record) error {
+	for range retries {
+		old, err := c.GetSealedKey(r.Tenant, r.Name)
+		if err != nil && !errors.Is(err, keystore.ErrNotFound) {
+			return err
+		}
+		if old != nil {
+			if v := versionOf(old); v >= r.Version {
+				return fmt.Errorf("%w: %s/%s already has version %d, not older than the record's %d: seal it again (keyfs seal uses the current time as its version)",
+					keystore.ErrConflict, r.Tenant, r.Name, v, r.Version)
+			}
+		}
+		if err := c.write(r, old); !errors.Is(err, keystore.ErrConflict) {
+			return err
+		}
+	}
+	return fmt.Errorf("%w: %s/%s changed under %d writes in a row; try again", keystore.ErrConflict, r.Tenant, r.Name, retries)
+}
+
+// Remove deletes tenant/name's object. The API keeps one version per
+// key, so all makes no difference: the key is gone.
+func (c *Client) Remove(tenant, name string, _ bool) ([]uint64, error) {
+	old, err := c.GetSealedKey(tenant, name)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := c.ctx()
+	defer cancel()
+	pre := metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &old.UID, ResourceVersion: &old.ResourceVersion}}
+	if err := c.rest.Delete().Namespace(c.namespace).Resource("sealedkeys").Name(old.Name).Body(&pre).Do(ctx).Error(); err != nil {
+		return nil, apiError("delete SealedKey "+old.Name, err)
+	}
+	return []uint64{versionOf(old)}, nil
+}
+
+// Newest names tenant/name's stored version.
+func (c *Client) Newest(tenant, name string) (keystore.Entry, error) {
+	o, err := c.GetSealedKey(tenant, name)
+	if err != nil {
+		return keystore.Entry{}, err
+	}
+	return entryOf(o), nil
+}
+
+func entryOf(o *SealedKey) keystore.Entry {
+	return keystore.Entry{Tenant: o.Spec.Tenant, Name: o.Spec.Name, Version: versionOf(o), Path: "sealedkeys/" + o.Name}
+}
+
+// Tenants lists the tenants with at least one SealedKey, sorted.
+func (c *Client) Tenants() ([]string, error) {
+	l, err := c.ListSealedKeys(metav1.ListOptions{})
+	if err != nil {
+		return nil, err
+	}
+	var ts []string
+	for _, o := range l.Items {
+		if !slices.Contains(ts, o.Spec.Tenant) {
+			ts = append(ts, o.Spec.Tenant)
+		}
+	}
+	slices.Sort(ts)
+	return ts, nil
+}
+
+// Keys lists tenant's keys, sorted by name.
+func (c *Client) Keys(tenant string) ([]keystore.Entry, error) {
+	if err := keystore.ValidTenant(tenant); err != nil {
+		return nil, err
+	}
+	l, err := c.ListSealedKeys(metav1.ListOptions{})
+	if err != nil {
+		return nil, err
+	}
+	var es []keystore.Entry
+	for i := range l.Items {
+		if l.Items[i].Spec.Tenant == tenant {
+			es = append(es, entryOf(&l.Items[i]))
+		}
+	}
+	slices.SortFunc(es, func(a, b keystore.Entry) int { return strings.Compare(a.Name, b.Name) })
+	return es, nil
+}
+
+// Read fetches and checks the record e names.
+func (c *Client) Read(e keystore.Entry) (*keystore.Record, error) {
+	o, err := c.GetSealedKey(e.Tenant, e.Name)
+	if err != nil {
+		return nil, err
+	}
+	r, err := recordOf(o)
+	if err != nil {
+		return nil, err
+	}
+	if r.Version != e.Version {
+		return nil, fmt.Errorf("%w: %s/%s version %d was replaced by version %d", keystore.ErrNotFound, e.Tenant, e.Name, e.Version, r.Version)
+	}
+	return r, nil
+}
+
+// Cluster returns the KeyfsCluster; an error wrapping keystore.ErrNotFound
+// when no node has bootstrapped one.
+func (c *Client) Cluster() (*KeyfsCluster, *keystore.PublicKey, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	var o KeyfsCluster
+	if err := c.rest.Get().Resource("keyfsclusters").Name(ClusterName).Do(ctx).Into(&o); err != nil {
+		if apierrors.IsNotFound(err) {
+			return nil, nil, fmt.Errorf("%w: no KeyfsCluster %q: the first keyfs serve --store kubernetes creates it", keystore.ErrNotFound, ClusterName)
+		}
+		return nil, nil, apiError("get KeyfsCluster "+ClusterName, err)
+	}
+	pub, err := keystore.ParsePublicKey([]byte(o.Spec.PublicKey))
+	if err != nil {
+		return nil, nil, fmt.Errorf("KeyfsCluster %s: %w", ClusterName, err)
+	}
+	if pub.KID != o.Spec.KID {
+		return nil, nil, fmt.Errorf("%w: KeyfsCluster %s says kid %s but holds the public key of kid %s", keystore.ErrIntegrity, ClusterName, o.Spec.KID, pub.KID)
+	}
+	return &o, pub, nil
+}
+
+// Bootstrap creates the KeyfsCluster from pub, if none exists. Of nodes
+// racing, exactly one creates it; every caller gets the one that won.
+func (c *Client) Bootstrap(pub *keystore.PublicKey, node string) (*KeyfsCluster, *keystore.PublicKey, bool, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	o := &KeyfsCluster{
+		TypeMeta:   metav1.TypeMeta{APIVersion: GroupVersion.String(), Kind: "KeyfsCluster"},
+		ObjectMeta: metav1.ObjectMeta{Name: ClusterName},
+		Spec:       KeyfsClusterSpec{KID: pub.KID, PublicKey: string(pub.Marshal()), BootstrapNode: node},
+	}
+	err := c.rest.Post().Resource("keyfsclusters").Body(o).Do(ctx).Error()
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return nil, nil, false, apiError("create KeyfsCluster "+ClusterName, err)
+	}
+	got, gotPub, gerr := c.Cluster()
+	return got, gotPub, err == nil, gerr
+}
+
+// NodeName is this node's name: NODE_NAME (the DaemonSet sets it from
+// spec.nodeName), else the host name.
+func NodeName() string {
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		return n
+	}
+	h, _ := os.Hostname()
+	return h
+}
