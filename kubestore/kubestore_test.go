@@ -1,7 +1,6 @@
 package kubestore
 
 import (
-	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -10,10 +9,8 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
 	"github.com/keyfs/keyfs/internal/kubetest"
 	"github.com/keyfs/keyfs/keystore"
@@ -33,25 +30,11 @@ func master(t *testing.T) *keystore.MasterKey {
 	return m
 }
 
-var nsSeq int
-
 // client returns a client for a new namespace of the shared API server.
 func client(t *testing.T) (*Client, *kubetest.Cluster) {
 	t.Helper()
 	k := kubetest.Start(t)
-	cs, err := kubernetes.NewForConfig(k.Config("admin"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	nsSeq++
-	ns := fmt.Sprintf("t%d-%s", nsSeq, strings.ToLower(strings.ReplaceAll(t.Name(), "_", "-")))
-	if len(ns) > 63 {
-		ns = ns[:63]
-	}
-	if _, err := cs.CoreV1().Namespaces().Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	c, err := New(k.Config("admin"), ns)
+	c, err := New(k.Config("admin"), k.Namespace(t))
 	if err != nil {
 		t.Fatal(err)
 	}

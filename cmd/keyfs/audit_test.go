@@ -44,7 +44,7 @@ func TestAuditLifecycle(t *testing.T) {
 	kid := strings.TrimSpace(c.must(0, "", "init", "--recovery-pub", rec+".pub").stdout)
 	c.must(0, "sk-life-1", "put", "acme/openai")
 	f := filepath.Join(work, "r.rec")
-	c.must(0, "sk-life-2", "seal", "--pubkey", filepath.Join(c.state, "master.pub"), "--tenant", "acme", "--name", "gemini", "-o", f)
+	writeFile(t, f, c.must(0, "sk-life-2", "seal", "--pubkey", filepath.Join(c.state, "master.pub"), "--tenant", "acme", "--name", "gemini").stdout)
 	c.must(0, "", "import", f)
 	c.must(0, "", "rm", "acme/openai")
 	c.must(0, "", "recover", "--recovery-key", rec)

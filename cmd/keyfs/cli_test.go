@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyfs/keyfs/internal/kubetest"
 	"github.com/keyfs/keyfs/internal/syncbuf"
 	"github.com/keyfs/keyfs/tpm/tpmtest"
 )
@@ -35,7 +36,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintf(os.Stderr, "build keyfs: %v\n%s", err, out)
 		os.Exit(1)
 	}
-	code := m.Run()
+	code := kubetest.Main(m)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -44,6 +45,7 @@ type cli struct {
 	t     *testing.T
 	state string
 	tpm   string
+	env   []string // more, such as KEYFS_STORE=kubernetes
 }
 
 type result struct {
@@ -98,7 +100,7 @@ func waitOrDump(t *testing.T, cmd *exec.Cmd, d time.Duration, stderr fmt.Stringe
 // keyfsCmd is keyfs with args against this cli's state and TPM.
 func (c *cli) keyfsCmd(args ...string) *exec.Cmd {
 	cmd := exec.Command(keyfsBin, args...)
-	cmd.Env = append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm)
+	cmd.Env = append(append(os.Environ(), "KEYFS_STATE="+c.state, "KEYFS_TPM="+c.tpm), c.env...)
 	return cmd
 }
 
@@ -131,6 +133,14 @@ func poll(d time.Duration, cond func() bool) bool {
 		}
 	}
 	return true
+}
+
+// writeFile writes s to path, failing t on an error.
+func writeFile(t *testing.T, path, s string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(s), 0o644); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // logged reports whether a running child's log shows s within a few
@@ -198,7 +208,7 @@ func TestCLIEndToEnd(t *testing.T) {
 	// seal needs no TPM and no state.
 	offline := &cli{t: t, state: filepath.Join(work, "no-state"), tpm: "/nonexistent/tpm"}
 	recFile := filepath.Join(work, "anthropic.rec")
-	offline.must(0, "sk-ant-offline-1\n", "seal", "--pubkey", pubFile, "--tenant", "acme", "--name", "anthropic", "-o", recFile)
+	writeFile(t, recFile, offline.must(0, "sk-ant-offline-1\n", "seal", "--pubkey", pubFile, "--tenant", "acme", "--name", "anthropic").stdout)
 	if _, err := os.Stat(offline.state); err == nil {
 		t.Fatal("seal created a state directory")
 	}

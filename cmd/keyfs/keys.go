@@ -13,8 +13,10 @@ import (
 
 	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/keystore"
+	"github.com/keyfs/keyfs/kubestore"
 	"github.com/keyfs/keyfs/tpm"
 	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
 )
 
 func initCmd(g *globals) *cobra.Command {
@@ -128,16 +130,24 @@ func pubkeyCmd(g *globals) *cobra.Command {
 }
 
 func sealCmd(g *globals) *cobra.Command {
-	var pubFile, tenant, name, out string
+	var pubFile, tenant, name, format string
 	var version uint64
-	var keepNewline bool
+	var keepNewline, fromCluster bool
 	c := &cobra.Command{
-		Use:   "seal --pubkey FILE --tenant T --name N [-o FILE]",
+		Use:   "seal (--pubkey FILE | --cluster) --tenant T --name N [-o record|yaml]",
 		Short: "Seal a value from stdin into a record, offline (no TPM, no state)",
-		Args:  args(cobra.NoArgs),
+		Long: `seal encrypts a value from stdin to a master public key: a file from
+keyfs pubkey, or with --cluster the one KeyfsCluster "default" names (like
+kubeseal --fetch-cert). It prints the record (-o record, for keyfs import),
+or a SealedKey manifest (-o yaml) for Git and kubectl apply. Both are
+ciphertext only.`,
+		Args: args(cobra.NoArgs),
 		RunE: func(*cobra.Command, []string) error {
-			if pubFile == "" || tenant == "" || name == "" {
-				return usagef("--pubkey, --tenant and --name are required")
+			if (pubFile == "") == !fromCluster || tenant == "" || name == "" {
+				return usagef("one of --pubkey and --cluster, and --tenant and --name, are required")
+			}
+			if format != "record" && format != "yaml" {
+				return usagef("-o %q: want record or yaml (to write a file, redirect: keyfs seal ... > FILE)", format)
 			}
 			if err := keystore.ValidTenant(tenant); err != nil {
 				return err
@@ -145,13 +155,23 @@ func sealCmd(g *globals) *cobra.Command {
 			if err := keystore.ValidKeyName(name); err != nil {
 				return err
 			}
-			b, err := os.ReadFile(pubFile)
-			if err != nil {
-				return fmt.Errorf("read --pubkey: %w", err)
-			}
-			pub, err := keystore.ParsePublicKey(b)
-			if err != nil {
-				return fmt.Errorf("--pubkey %s: %w", pubFile, err)
+			var pub *keystore.PublicKey
+			if fromCluster {
+				c, err := g.kube()
+				if err != nil {
+					return err
+				}
+				if _, pub, err = c.Cluster(); err != nil {
+					return err
+				}
+			} else {
+				b, err := os.ReadFile(pubFile)
+				if err != nil {
+					return fmt.Errorf("read --pubkey: %w", err)
+				}
+				if pub, err = keystore.ParsePublicKey(b); err != nil {
+					return fmt.Errorf("--pubkey %s: %w", pubFile, err)
+				}
 			}
 			v, err := g.readValue("value for "+tenant+"/"+name, keepNewline)
 			if err != nil {
@@ -165,17 +185,21 @@ func sealCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if out == "" || out == "-" {
-				_, err = g.stdout.Write(r.Marshal())
-				return err
+			out := r.Marshal()
+			if format == "yaml" {
+				if out, err = yaml.Marshal(kubestore.NewSealedKey(g.namespace, r)); err != nil {
+					return err
+				}
 			}
-			return keystore.WriteFileAtomic(out, r.Marshal(), 0o644)
+			_, err = g.stdout.Write(out)
+			return err
 		},
 	}
 	c.Flags().StringVar(&pubFile, "pubkey", "", "master public key file (from keyfs pubkey)")
+	c.Flags().BoolVar(&fromCluster, "cluster", false, "seal to the cluster master of KeyfsCluster default (needs the Kubernetes API)")
 	c.Flags().StringVar(&tenant, "tenant", "", "tenant")
 	c.Flags().StringVar(&name, "name", "", "key name")
-	c.Flags().StringVarP(&out, "output", "o", "", "write the record here instead of stdout")
+	c.Flags().StringVarP(&format, "output", "o", "record", "what to print: record (for keyfs import) or yaml (a SealedKey manifest in --namespace)")
 	c.Flags().Uint64Var(&version, "version", 0, "record version (default: the current Unix time)")
 	c.Flags().BoolVar(&keepNewline, "keep-newline", false, "keep a trailing newline in the value")
 	return c
@@ -185,18 +209,21 @@ func putCmd(g *globals) *cobra.Command {
 	var keepNewline bool
 	c := &cobra.Command{
 		Use:   "put TENANT/NAME",
-		Short: "Seal a value from stdin with master.pub and store it (no TPM needed)",
-		Args:  args(cobra.ExactArgs(1)),
+		Short: "Seal a value from stdin to the master public key and store it (no TPM needed)",
+		Long: `put seals the value to master.pub (--store local) or to the cluster master
+named by KeyfsCluster "default" (--store kubernetes), and stores it as the
+key's next version.`,
+		Args: args(cobra.ExactArgs(1)),
 		RunE: func(_ *cobra.Command, a []string) error {
 			tenant, name, err := keystore.ParseRef(a[0])
 			if err != nil {
 				return err
 			}
-			pub, err := g.publicKey()
+			pub, _, err := g.sealingKey()
 			if err != nil {
 				return err
 			}
-			d, err := g.store()
+			d, err := g.keys()
 			if err != nil {
 				return err
 			}
@@ -228,25 +255,23 @@ func importCmd(g *globals) *cobra.Command {
 		Long: `import checks every record before storing any: it must parse, be sealed to
 this state's master key or an older master of its ring, and (unless
 --no-verify) open with the master key unsealed from the TPM. One bad record
-stores nothing.`,
+stores nothing. With --store kubernetes, a record must be sealed to the
+cluster master; it is not opened (the machine importing seldom holds the
+master), and a node refuses at read one that does not open.`,
 		Args: args(cobra.MinimumNArgs(1)),
 		RunE: func(_ *cobra.Command, files []string) error {
-			pub, err := g.publicKey()
-			if err != nil {
-				return err
-			}
-			d, err := g.store()
-			if err != nil {
-				return err
-			}
 			// Records sealed offline to an older master of the ring are
 			// accepted while it is in the ring.
-			ring, err := g.ringPublicKeys()
+			pub, ring, err := g.sealingKey()
+			if err != nil {
+				return err
+			}
+			d, err := g.keys()
 			if err != nil {
 				return err
 			}
 			var m *keystore.MasterKey
-			if !noVerify {
+			if !noVerify && !g.cluster() {
 				if m, err = g.unseal(); err != nil {
 					return fmt.Errorf("%w (to import without checking, use --no-verify)", err)
 				}
@@ -297,7 +322,7 @@ func lsCmd(g *globals) *cobra.Command {
 		Short: "List stored keys: tenant, name, version, kid, created (never values)",
 		Args:  args(cobra.MaximumNArgs(1)),
 		RunE: func(_ *cobra.Command, a []string) error {
-			d, err := g.store()
+			d, err := g.keys()
 			if err != nil {
 				return err
 			}
@@ -335,13 +360,16 @@ func rmCmd(g *globals) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "rm TENANT/NAME",
 		Short: "Remove the newest version of a key (the previous kept version becomes current), or all versions",
-		Args:  args(cobra.ExactArgs(1)),
+		Long: `rm removes the newest stored version of a key; the previous kept version
+becomes current, and --all-versions removes the key. The Kubernetes store
+keeps one version per key (its SealedKey object): rm removes the key.`,
+		Args: args(cobra.ExactArgs(1)),
 		RunE: func(_ *cobra.Command, a []string) error {
 			tenant, name, err := keystore.ParseRef(a[0])
 			if err != nil {
 				return err
 			}
-			d, err := g.store()
+			d, err := g.keys()
 			if err != nil {
 				return err
 			}
@@ -374,7 +402,7 @@ func verifyCmd(g *globals) *cobra.Command {
 		Short: "Open every stored key with the TPM-held master key and report which open (never values)",
 		Args:  args(cobra.MaximumNArgs(1)),
 		RunE: func(_ *cobra.Command, a []string) error {
-			d, err := g.store()
+			d, err := g.keys()
 			if err != nil {
 				return err
 			}

@@ -10,6 +10,7 @@ import (
 	"os"
 
 	"github.com/keyfs/keyfs/keystore"
+	"github.com/keyfs/keyfs/kubestore"
 	"github.com/keyfs/keyfs/tpm"
 	"github.com/spf13/cobra"
 )
@@ -79,6 +80,10 @@ type globals struct {
 	log *slog.Logger
 	// command is the running subcommand ("keyfs put"), for the audit trail.
 	command string
+
+	storeKind, kubeconfig, namespace string
+	node                             string // this node's name in the cluster (serve --node-id)
+	kubeClient                       *kubestore.Client
 }
 
 // info says what a command did along the way, through the daemon's log
@@ -123,7 +128,13 @@ never from arguments, and are never printed or logged.`,
 	}
 	root.PersistentFlags().StringVar(&g.state, "state", envOr("KEYFS_STATE", "/var/lib/keyfs"), "state directory (env KEYFS_STATE)")
 	root.PersistentFlags().StringVar(&g.tpm, "tpm", envOr("KEYFS_TPM", tpm.DefaultDevice), "TPM: a device path, swtpm:HOST:PORT, or sim (test builds only) (env KEYFS_TPM)")
-	root.PersistentPreRun = func(c *cobra.Command, _ []string) { g.command = c.CommandPath() }
+	root.PersistentFlags().StringVar(&g.storeKind, "store", envOr("KEYFS_STORE", storeLocal), "where records live: local (STATE/store) or kubernetes (SealedKey objects) (env KEYFS_STORE)")
+	root.PersistentFlags().StringVar(&g.kubeconfig, "kubeconfig", "", "kubeconfig file for --store kubernetes (default: KUBECONFIG, ~/.kube/config, or in-cluster)")
+	root.PersistentFlags().StringVar(&g.namespace, "namespace", envOr("KEYFS_NAMESPACE", kubestore.DefaultNamespace), "namespace of the SealedKeys, with --store kubernetes (env KEYFS_NAMESPACE)")
+	root.PersistentPreRunE = func(c *cobra.Command, _ []string) error {
+		g.command = c.CommandPath()
+		return g.checkStore()
+	}
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
 		return usageError{fmt.Errorf("%w (see %s --help)", err, c.CommandPath())}
 	})

@@ -76,8 +76,8 @@ func (g *globals) lifecycleEvent(ev audit.Event) audit.Event {
 // auditLifecycle records lifecycle events on the state's audit trail. A
 // command that unsealed the master (m) anchors them with a checkpoint.
 func (g *globals) auditLifecycle(m *keystore.MasterKey, evs ...audit.Event) {
-	if len(evs) == 0 {
-		return
+	if len(evs) == 0 || g.cluster() {
+		return // the API server's audit log records who wrote SealedKeys
 	}
 	al, err := g.openAudit("")
 	if err != nil {
@@ -108,6 +108,15 @@ re-encrypts every record to the newest master, and retire drops an old
 master once no record needs it. Readers see the same values throughout.`,
 	}
 	c.AddCommand(masterLsCmd(g), masterRotateCmd(g), masterResealCmd(g), masterRetireCmd(g))
+	for _, sub := range c.Commands() {
+		run := sub.RunE
+		sub.RunE = func(c *cobra.Command, a []string) error {
+			if err := g.localOnly("keyfs master " + c.Name() + " (a cluster master's rotation is not built yet)"); err != nil {
+				return err
+			}
+			return run(c, a)
+		}
+	}
 	return c
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/internal/harden"
 	"github.com/keyfs/keyfs/keystore"
+	"github.com/keyfs/keyfs/kubestore"
 	"github.com/spf13/cobra"
 )
 
@@ -152,7 +153,10 @@ func hardenProcess(log *slog.Logger, what string, allowUnprotected bool) (protec
 // daemon is what a serving process holds: the one index of its store
 // that every view shows, the unsealed master key and the audit trail.
 type daemon struct {
-	store *keystore.DirIndex
+	store interface {
+		keystore.Store
+		Close()
+	}
 	key   *keystore.MasterKey
 	audit *audit.Logger
 }
@@ -169,13 +173,22 @@ type daemonAudit struct {
 const checkpointEvery = time.Minute
 
 func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
-	d, err := g.store()
-	if err != nil {
-		return nil, err
+	var d *keystore.Dir
+	var err error
+	if !g.cluster() {
+		if d, err = g.store(); err != nil {
+			return nil, err
+		}
 	}
 	key, err := g.unseal()
 	if err != nil {
 		return nil, err
+	}
+	if g.cluster() {
+		if err := g.joinCluster(key); err != nil {
+			key.Close()
+			return nil, err
+		}
 	}
 	al, err := g.openAudit(da.path)
 	if err != nil {
@@ -199,13 +212,18 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	if !da.required {
 		al.StartQueue(4096) // opens are answered before their event is written
 	}
-	index, err := keystore.WatchDir(d, 0, g.log)
+	dm := &daemon{key: key, audit: al}
+	if g.cluster() {
+		dm.store, err = kubestore.Watch(g.kubeClient, g.log)
+	} else {
+		dm.store, err = keystore.WatchDir(d, 0, g.log)
+	}
 	if err != nil {
 		al.Close()
 		key.Close()
 		return nil, err
 	}
-	return &daemon{store: index, key: key, audit: al}, nil
+	return dm, nil
 }
 
 func (dm *daemon) close() {

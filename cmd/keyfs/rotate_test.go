@@ -66,7 +66,7 @@ func TestMasterRotation(t *testing.T) {
 	// Offline seals to the old and the new public key are both accepted.
 	for i, pub := range []string{oldPub, filepath.Join(c.state, "master.pub")} {
 		f := filepath.Join(work, "offline"+itoa1(i)+".rec")
-		c.must(0, "sk-offline", "seal", "--pubkey", pub, "--tenant", "gamma", "--name", "key"+itoa1(i), "-o", f)
+		writeFile(t, f, c.must(0, "sk-offline", "seal", "--pubkey", pub, "--tenant", "gamma", "--name", "key"+itoa1(i)).stdout)
 		c.must(0, "", "import", f)
 	}
 	ls := c.must(0, "", "master", "ls").stdout
@@ -105,7 +105,7 @@ func TestMasterRotation(t *testing.T) {
 	// Retire: records sealed to the old master are refused from now on.
 	c.must(0, "", "master", "retire", kid1)
 	f := filepath.Join(work, "late.rec")
-	c.must(0, "sk-late", "seal", "--pubkey", oldPub, "--tenant", "gamma", "--name", "late", "-o", f)
+	writeFile(t, f, c.must(0, "sk-late", "seal", "--pubkey", oldPub, "--tenant", "gamma", "--name", "late").stdout)
 	if r := c.must(exitIntegrity, "", "import", f); !strings.Contains(r.stderr, "sealed to kid "+kid1+", this node holds kid "+kid2) {
 		t.Errorf("import of a record sealed to the retired master: %s", r.stderr)
 	}

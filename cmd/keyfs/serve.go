@@ -52,6 +52,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 				return err
 			}
 			g.log = slog.New(slog.NewJSONHandler(os.Stderr, nil))
+			g.node = nodeID
 			log := g.log
 			protected, err := hardenProcess(log, "serve", allowUnprotected)
 			if err != nil {

@@ -255,7 +255,7 @@ func (g *globals) installMaster(m *keystore.MasterKey, seed []byte, pcrs []int, 
 }
 
 // tenantsArg is every tenant in the store, or the one named on the command line.
-func tenantsArg(d *keystore.Dir, a []string) ([]string, error) {
+func tenantsArg(d keyStore, a []string) ([]string, error) {
 	if len(a) == 1 {
 		return a, keystore.ValidTenant(a[0])
 	}
@@ -264,7 +264,7 @@ func tenantsArg(d *keystore.Dir, a []string) ([]string, error) {
 
 // eachKey reads the newest record of every key of tenants and hands it to
 // f with the read error, if any.
-func eachKey(d *keystore.Dir, tenants []string, f func(keystore.Entry, *keystore.Record, error)) error {
+func eachKey(d keyStore, tenants []string, f func(keystore.Entry, *keystore.Record, error)) error {
 	for _, t := range tenants {
 		es, err := d.Keys(t)
 		if err != nil {

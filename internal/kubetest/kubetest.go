@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -125,6 +126,38 @@ current-context: kubetest
 		panic(err)
 	}
 	return p
+}
+
+// EtcdDir is etcd's data directory, where a test looks for plaintext.
+func (c *Cluster) EtcdDir() string { return filepath.Join(c.dir, "etcd") }
+
+var nsSeq atomic.Int64
+
+// Namespace creates a new namespace for t and returns its name.
+func (c *Cluster) Namespace(t testing.TB) string {
+	t.Helper()
+	name := fmt.Sprintf("kubetest-%d", nsSeq.Add(1))
+	if err := c.post("/api/v1/namespaces", []byte(`{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"`+name+`"}}`)); err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+// post creates the object in JSON body at path, as admin.
+func (c *Cluster) post(path string, body []byte) error {
+	req, _ := http.NewRequest(http.MethodPost, c.Host+path, bytes.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+c.tokens["admin"])
+	req.Header.Set("Content-Type", "application/json")
+	r, err := insecure.Do(req)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", path, err)
+	}
+	b, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	if r.StatusCode != http.StatusCreated {
+		return fmt.Errorf("create %s: %s: %s", path, r.Status, b)
+	}
+	return nil
 }
 
 func repoRoot() (string, error) {
@@ -355,17 +388,8 @@ func (c *Cluster) applyCRDs(dir string) error {
 		if err != nil {
 			return fmt.Errorf("%s: %w", f, err)
 		}
-		req, _ := http.NewRequest(http.MethodPost, c.Host+"/apis/apiextensions.k8s.io/v1/customresourcedefinitions", bytes.NewReader(j))
-		req.Header.Set("Authorization", "Bearer "+c.tokens["admin"])
-		req.Header.Set("Content-Type", "application/json")
-		r, err := insecure.Do(req)
-		if err != nil {
-			return fmt.Errorf("create the CRD in %s: %w", f, err)
-		}
-		body, _ := io.ReadAll(r.Body)
-		r.Body.Close()
-		if r.StatusCode != http.StatusCreated {
-			return fmt.Errorf("create the CRD in %s: %s: %s", f, r.Status, body)
+		if err := c.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", j); err != nil {
+			return fmt.Errorf("%s: %w", f, err)
 		}
 		plurals = append(plurals, crd.Spec.Group+"/v1alpha1/"+crd.Spec.Names.Plural)
 	}

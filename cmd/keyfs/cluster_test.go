@@ -1,0 +1,117 @@
+package main
+
+import (
+	"bytes"
+	"crypto/tls"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/keyfs/keyfs/internal/fusetest"
+	"github.com/keyfs/keyfs/internal/kubetest"
+)
+
+// TestClusterStore: against a real API server, the first node's daemon
+// bootstraps KeyfsCluster; an admin without state or TPM puts a key and
+// applies a `seal --cluster -o yaml` manifest; the running mount shows
+// both within 2 s, and a removal; a node holding another master refuses
+// to serve; no value reaches etcd.
+func TestClusterStore(t *testing.T) {
+	fusetest.Require(t)
+	k := kubetest.Start(t)
+	ns := k.Namespace(t)
+	work := t.TempDir()
+	kube := []string{"KEYFS_STORE=kubernetes", "KUBECONFIG=" + k.Kubeconfig, "KEYFS_NAMESPACE=" + ns}
+	nodeA := &cli{t: t, state: filepath.Join(work, "node-a"), tpm: "sim", env: kube}
+	admin := &cli{t: t, state: filepath.Join(work, "admin-no-state"), tpm: "/nonexistent/tpm", env: kube}
+
+	if r := admin.must(exitNotFound, "sk-too-early", "put", "acme/openai"); !strings.Contains(r.stderr, "no KeyfsCluster") || !strings.Contains(r.stderr, "keyfs serve --store kubernetes creates it") {
+		t.Errorf("put before any node bootstrapped: %s", r.stderr)
+	}
+	kid := strings.TrimSpace(nodeA.must(0, "", "init").stdout)
+	mnt := filepath.Join(work, "keys")
+	t.Cleanup(func() {
+		if fusetest.MustMounted(t, mnt) {
+			syscall.Unmount(mnt, syscall.MNT_DETACH)
+		}
+	})
+	mount := nodeA.keyfsCmd("mount", mnt)
+	mount.Env = append(mount.Env, "NODE_NAME=node-a")
+	stderr := startChild(t, mount)
+	if !logged(stderr, "bootstrapped the cluster master") {
+		t.Fatalf("the first node did not bootstrap:\n%s", stderr.String())
+	}
+
+	admin.must(0, "sk-cluster-put", "put", "acme/openai")
+	if !poll(2*time.Second, func() bool { b, _ := os.ReadFile(filepath.Join(mnt, "acme", "openai")); return string(b) == "sk-cluster-put" }) {
+		t.Fatalf("a put did not reach the mount within 2 s:\n%s", stderr.String())
+	}
+	y := admin.must(0, "sk-from-git", "seal", "--cluster", "--tenant", "beta", "--name", "gemini_1", "-o", "yaml").stdout
+	if !strings.Contains(y, "kind: SealedKey") || !strings.Contains(y, "name: beta.gemini--u1") || strings.Contains(y, "sk-from-git") {
+		t.Fatalf("seal -o yaml:\n%s", y)
+	}
+	apply(t, k, ns, y)
+	if !poll(2*time.Second, func() bool { b, _ := os.ReadFile(filepath.Join(mnt, "beta", "gemini_1")); return string(b) == "sk-from-git" }) {
+		t.Fatalf("an applied SealedKey did not reach the mount within 2 s")
+	}
+	ls := admin.must(0, "", "ls").stdout
+	if !strings.Contains(ls, "acme    openai") || !strings.Contains(ls, "beta    gemini_1") || !strings.Contains(ls, kid) {
+		t.Errorf("ls --store kubernetes:\n%s", ls)
+	}
+	if v := nodeA.must(0, "", "verify").stdout; strings.Count(v, "  ok") != 2 {
+		t.Errorf("verify on the node holding the cluster master:\n%s", v)
+	}
+	admin.must(0, "", "rm", "acme/openai")
+	if !poll(2*time.Second, func() bool { _, err := os.Stat(filepath.Join(mnt, "acme", "openai")); return os.IsNotExist(err) }) {
+		t.Fatalf("a removed key still shows after 2 s")
+	}
+	if r := admin.must(exitUsage, "", "master", "rotate"); !strings.Contains(r.stderr, "without --store kubernetes") {
+		t.Errorf("master rotate in cluster mode: %s", r.stderr)
+	}
+
+	// Another node with its own master: refused, saying what to do.
+	nodeB := &cli{t: t, state: filepath.Join(work, "node-b"), tpm: "sim", env: kube}
+	nodeB.must(0, "", "init")
+	r := nodeB.must(exitIntegrity, "", "mount", filepath.Join(work, "keys-b"))
+	if !strings.Contains(r.stderr, "the cluster's (KeyfsCluster default, bootstrapped by node node-a) is kid "+kid) || !strings.Contains(r.stderr, "keyfs recover") {
+		t.Errorf("a node with another master: %s", r.stderr)
+	}
+
+	mount.Process.Signal(syscall.SIGTERM)
+	if err := waitOrDump(t, mount, 30*time.Second, stderr); err != nil {
+		t.Fatal(err)
+	}
+	noValueIn(t, k.EtcdDir(), "sk-cluster-put", "sk-from-git")
+	noValueIn(t, nodeA.state, "sk-cluster-put", "sk-from-git")
+	if strings.Contains(stderr.String(), "sk-") {
+		t.Error("the daemon logged a value")
+	}
+}
+
+// apply creates the objects of a YAML manifest as kubectl apply would.
+func apply(t *testing.T, k *kubetest.Cluster, ns, y string) {
+	t.Helper()
+	j, err := yaml.YAMLToJSON([]byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := k.Config("admin")
+	req, _ := http.NewRequest(http.MethodPost, cfg.Host+"/apis/keyfs.dev/v1alpha1/namespaces/"+ns+"/sealedkeys", bytes.NewReader(j))
+	req.Header.Set("Authorization", "Bearer "+cfg.BearerToken)
+	req.Header.Set("Content-Type", "application/json")
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusCreated {
+		t.Fatalf("apply: %s", resp.Status)
+	}
+}
