@@ -114,7 +114,7 @@ func TestExamplesDecode(t *testing.T) {
 		}
 	}
 	// The policy in the ConfigMap parses as YAML with a tenants map.
-	b, _ := os.ReadFile("policy.yaml")
+	b, _ := os.ReadFile("base/policy.yaml")
 	var cm corev1.ConfigMap
 	if err := yaml.UnmarshalStrict(b, &cm); err != nil {
 		t.Fatal(err)

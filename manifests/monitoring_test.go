@@ -47,7 +47,7 @@ func TestMonitoringComponent(t *testing.T) {
 		t.Skipf("promtool not found: %v", err)
 	}
 	fs := filesys.MakeFsInMemory()
-	for _, dir := range []string{".", "monitoring"} {
+	for _, dir := range []string{".", "base", "monitoring"} {
 		des, err := os.ReadDir(dir)
 		if err != nil {
 			t.Fatal(err)

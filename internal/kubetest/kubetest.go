@@ -145,19 +145,39 @@ func (c *Cluster) Namespace(t testing.TB) string {
 
 // post creates the object in JSON body at path, as admin.
 func (c *Cluster) post(path string, body []byte) error {
-	req, _ := http.NewRequest(http.MethodPost, c.Host+path, bytes.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+c.tokens["admin"])
-	req.Header.Set("Content-Type", "application/json")
-	r, err := insecure.Do(req)
+	code, b, err := c.Request(c.tokens["admin"], http.MethodPost, path, body)
 	if err != nil {
 		return fmt.Errorf("create %s: %w", path, err)
 	}
-	b, _ := io.ReadAll(r.Body)
-	r.Body.Close()
-	if r.StatusCode != http.StatusCreated {
-		return fmt.Errorf("create %s: %s: %s", path, r.Status, b)
+	if code != http.StatusCreated {
+		return fmt.Errorf("create %s: %d: %s", path, code, b)
 	}
 	return nil
+}
+
+// Token is user's bearer token.
+func (c *Cluster) Token(user string) string { return c.tokens[user] }
+
+// Request sends one API request with a bearer token and a JSON body (nil:
+// none), returning the status code and the response body.
+func (c *Cluster) Request(token, method, path string, body []byte) (int, []byte, error) {
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequest(method, c.Host+path, rd)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Content-Type", "application/json")
+	r, err := insecure.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer r.Body.Close()
+	b, err := io.ReadAll(r.Body)
+	return r.StatusCode, b, err
 }
 
 func repoRoot() (string, error) {
@@ -272,6 +292,7 @@ func start() (*Cluster, error) {
 		"--service-account-signing-key-file="+filepath.Join(dir, "sa.key"),
 		"--service-account-issuer=https://kubernetes.default.svc",
 		"--service-cluster-ip-range=10.0.0.0/24", "--endpoint-reconciler-type=none",
+		"--allow-privileged=true", // the keyfs DaemonSet is privileged
 		"--enable-priority-and-fairness=false", "--profiling=false"); err != nil {
 		return nil, err
 	}
