@@ -49,7 +49,10 @@ func TestClusterStore(t *testing.T) {
 	}
 
 	admin.must(0, "sk-cluster-put", "put", "acme/openai")
-	if !poll(2*time.Second, func() bool { b, _ := os.ReadFile(filepath.Join(mnt, "acme", "openai")); return string(b) == "sk-cluster-put" }) {
+	if !poll(2*time.Second, func() bool {
+		b, _ := os.ReadFile(filepath.Join(mnt, "acme", "openai"))
+		return string(b) == "sk-cluster-put"
+	}) {
 		t.Fatalf("a put did not reach the mount within 2 s:\n%s", stderr.String())
 	}
 	y := admin.must(0, "sk-from-git", "seal", "--cluster", "--tenant", "beta", "--name", "gemini_1", "-o", "yaml").stdout
@@ -57,7 +60,10 @@ func TestClusterStore(t *testing.T) {
 		t.Fatalf("seal -o yaml:\n%s", y)
 	}
 	apply(t, k, ns, y)
-	if !poll(2*time.Second, func() bool { b, _ := os.ReadFile(filepath.Join(mnt, "beta", "gemini_1")); return string(b) == "sk-from-git" }) {
+	if !poll(2*time.Second, func() bool {
+		b, _ := os.ReadFile(filepath.Join(mnt, "beta", "gemini_1"))
+		return string(b) == "sk-from-git"
+	}) {
 		t.Fatalf("an applied SealedKey did not reach the mount within 2 s")
 	}
 	ls := admin.must(0, "", "ls").stdout
