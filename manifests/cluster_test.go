@@ -2,7 +2,6 @@ package manifests_test
 
 import (
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"slices"
 	"strings"
@@ -131,5 +130,5 @@ func trim(b []byte) string {
 	if len(b) > 200 {
 		b = b[:200]
 	}
-	return fmt.Sprintf("%s", b)
+	return string(b)
 }
