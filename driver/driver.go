@@ -51,6 +51,10 @@ type Config struct {
 	Policy *Policy
 	// Registry receives the driver's metrics; nil keeps them unregistered.
 	Registry prometheus.Registerer
+	// Ready says whether the node can serve keys yet (a cluster node
+	// waiting for enrollment cannot): its error refuses every publish with
+	// Unavailable and that message, so kubelet retries. nil: always ready.
+	Ready func() error
 }
 
 // view is what the driver needs of a mounted fusefs server; a seam so a
@@ -98,6 +102,7 @@ type Driver struct {
 	policy                *Policy
 	m                     *metrics
 	mount                 mountFunc
+	ready                 func() error
 
 	locks keyedMutex // one publish/unpublish per volume id at a time
 
@@ -163,6 +168,7 @@ func New(c Config) (*Driver, error) {
 		policy:         c.Policy,
 		m:              m,
 		mount:          fuseMount,
+		ready:          c.Ready,
 		vols:           map[string]*volume{},
 		targets:        map[string]string{},
 	}

@@ -32,6 +32,14 @@ func (d *Driver) NodePublishVolume(ctx context.Context, r *csi.NodePublishVolume
 	if err != nil {
 		return nil, d.fail("invalid_argument", codes.InvalidArgument, "%v", err)
 	}
+	if d.ready != nil {
+		if err := d.ready(); err != nil {
+			ev := d.podEvent("unavailable", req.pod, req.volumeID)
+			ev.Reason = err.Error()
+			d.audit.Log(ev)
+			return nil, d.fail("not_ready", codes.Unavailable, "%v", err)
+		}
+	}
 	unlock := d.locks.lock(req.volumeID)
 	defer unlock()
 

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -570,4 +571,39 @@ func settledGoroutines(t *testing.T) int {
 		}
 	}
 	return n
+}
+
+// TestNotReadyUnavailable: while the node cannot serve keys (a cluster
+// node waiting for enrollment), publishes fail with Unavailable and the
+// reason, audited, and nothing is mounted; once ready, the same request
+// publishes.
+func TestNotReadyUnavailable(t *testing.T) {
+	e := newEnv(t, envConfig{})
+	var waiting atomic.Bool
+	waiting.Store(true)
+	e.drv.ready = func() error {
+		if waiting.Load() {
+			return errors.New("node node-1 waits for enrollment: approve it with keyfs node approve node-1")
+		}
+		return nil
+	}
+	r := e.request("vol-wait", pod("acme", "default"), nil)
+	if err := e.publish(r); code(err) != "Unavailable" || !contains(msg(err), "keyfs node approve node-1") {
+		t.Fatalf("publish before enrollment: %v, want Unavailable naming the approve command", err)
+	}
+	if m := keyfsMounts(t, e.dir); len(m) != 0 {
+		t.Fatalf("mounted while not ready: %v", m)
+	}
+	b, err := os.ReadFile(e.auditPath)
+	if err != nil || !strings.Contains(string(b), `"event":"unavailable"`) || !strings.Contains(string(b), "keyfs node approve node-1") {
+		t.Errorf("no audit event for the refused publish: %v\n%s", err, b)
+	}
+	waiting.Store(false)
+	e.mustPublish(r)
+	if got := readFile(t, filepath.Join(r.TargetPath, "acme", "openai")); got != testKeys["acme/openai"] {
+		t.Errorf("read after ready: %q", got)
+	}
+	if err := e.unpublish(r.VolumeId, r.TargetPath); err != nil {
+		t.Fatal(err)
+	}
 }
