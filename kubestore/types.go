@@ -5,6 +5,8 @@
 package kubestore
 
 import (
+	"slices"
+
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
@@ -57,6 +59,83 @@ type KeyfsClusterList struct {
 	Items           []KeyfsCluster `json:"items"`
 }
 
+// KeyfsNode is one node's enrollment: its TPM's endorsement key, an
+// admin's approval of it, and the cluster seed wrapped to it.
+type KeyfsNode struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+	Spec              KeyfsNodeSpec   `json:"spec"`
+	Status            KeyfsNodeStatus `json:"status,omitempty"`
+}
+
+// KeyfsNodeSpec is written by the node (EK) and by an admin (approval).
+type KeyfsNodeSpec struct {
+	EKPublic       []byte `json:"ekPublic"`
+	EKHash         string `json:"ekHash"`
+	EKCertificate  []byte `json:"ekCertificate,omitempty"`
+	ApprovedEKHash string `json:"approvedEKHash,omitempty"`
+}
+
+// Enrollment states.
+const (
+	StateWaiting  = "WaitingForApproval"
+	StateApproved = "Approved"
+	StateIssued   = "Issued"
+	StateEnrolled = "Enrolled"
+	StateFailed   = "Failed"
+)
+
+// KeyfsNodeStatus is written by daemons: the node's own state, and the
+// enrollment an enrolled node issues.
+type KeyfsNodeStatus struct {
+	State      string       `json:"state,omitempty"`
+	Message    string       `json:"message,omitempty"`
+	Since      *metav1.Time `json:"since,omitempty"`
+	KID        string       `json:"kid,omitempty"`
+	Enrollment *Enrollment  `json:"enrollment,omitempty"`
+}
+
+// Enrollment is the cluster seed wrapped to one EK (TPM2_Import's inputs).
+type Enrollment struct {
+	EKName    []byte `json:"ekName"`
+	Public    []byte `json:"public"`
+	Duplicate []byte `json:"duplicate"`
+	Seed      []byte `json:"seed"`
+	KID       string `json:"kid"`
+	IssuedBy  string `json:"issuedBy"`
+}
+
+// KeyfsNodeList is a list of KeyfsNodes.
+type KeyfsNodeList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []KeyfsNode `json:"items"`
+}
+
+func (o *KeyfsNode) DeepCopyObject() runtime.Object {
+	c := *o
+	o.ObjectMeta.DeepCopyInto(&c.ObjectMeta)
+	c.Spec.EKPublic = slices.Clone(o.Spec.EKPublic)
+	c.Spec.EKCertificate = slices.Clone(o.Spec.EKCertificate)
+	if o.Status.Since != nil {
+		c.Status.Since = o.Status.Since.DeepCopy()
+	}
+	if o.Status.Enrollment != nil {
+		e := *o.Status.Enrollment
+		c.Status.Enrollment = &e
+	}
+	return &c
+}
+
+func (o *KeyfsNodeList) DeepCopyObject() runtime.Object {
+	c := *o
+	c.Items = make([]KeyfsNode, len(o.Items))
+	for i := range o.Items {
+		c.Items[i] = *o.Items[i].DeepCopyObject().(*KeyfsNode)
+	}
+	return &c
+}
+
 // ClusterName is the one KeyfsCluster's name.
 const ClusterName = "default"
 
@@ -97,6 +176,6 @@ var (
 )
 
 func init() {
-	scheme.AddKnownTypes(GroupVersion, &SealedKey{}, &SealedKeyList{}, &KeyfsCluster{}, &KeyfsClusterList{})
+	scheme.AddKnownTypes(GroupVersion, &SealedKey{}, &SealedKeyList{}, &KeyfsCluster{}, &KeyfsClusterList{}, &KeyfsNode{}, &KeyfsNodeList{})
 	metav1.AddToGroupVersion(scheme, GroupVersion)
 }

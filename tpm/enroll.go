@@ -239,3 +239,20 @@ func (t *TPM) Import(w *Wrapped) (secret []byte, err error) {
 	}
 	return rsp.OutData.Buffer, nil
 }
+
+// PublicHash is the EK hash (as EK.Hash) of a TPM2B_PUBLIC.
+func PublicHash(public []byte) (string, error) {
+	p2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](public)
+	if err != nil {
+		return "", fmt.Errorf("bad public area: %w", err)
+	}
+	p, err := p2b.Contents()
+	if err != nil {
+		return "", fmt.Errorf("bad public area: %w", err)
+	}
+	name, err := tpm2.ObjectName(p)
+	if err != nil {
+		return "", err
+	}
+	return NameHash(name.Buffer), nil
+}

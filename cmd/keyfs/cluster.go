@@ -1,7 +1,8 @@
 package main
 
 import (
-	"fmt"
+	"context"
+	"slices"
 
 	"github.com/keyfs/keyfs/keystore"
 	"github.com/keyfs/keyfs/kubestore"
@@ -88,31 +89,56 @@ func (g *globals) localOnly(what string) error {
 	return nil
 }
 
-// joinCluster makes this node's master the cluster's, when no node has
-// yet, or checks that it is.
-func (g *globals) joinCluster(m *keystore.MasterKey) error {
+// joinCluster makes this node's master the cluster's when no node has
+// yet, and says whether this node holds the cluster master.
+func (g *globals) joinCluster(m *keystore.MasterKey) (*keystore.PublicKey, bool, error) {
 	klog.SetSlogLogger(g.log.With("component", "client-go"))
 	c, err := g.kube()
 	if err != nil {
-		return err
+		return nil, false, err
 	}
-	node := g.node
-	if node == "" {
-		node = kubestore.NodeName()
-	}
+	node := g.nodeName()
 	o, pub, won, err := c.Bootstrap(m.Public(), node)
 	if err != nil {
-		return err
+		return nil, false, err
 	}
+	holds := pub.KID == m.KID() || slices.Contains(m.KIDs(), pub.KID)
 	switch {
 	case won:
 		g.log.Info("bootstrapped the cluster master: KeyfsCluster default now names this node's master key", "kid", pub.KID, "node", node)
-	case pub.KID == m.KID():
+	case holds:
 		g.log.Info("this node holds the cluster master", "kid", pub.KID, "bootstrapped_by", o.Spec.BootstrapNode)
-	default:
-		return fmt.Errorf("%w: this node's master key is kid %s, the cluster's (KeyfsCluster default, bootstrapped by node %s) is kid %s. "+
-			"Enrollment of a node's TPM is not built yet; to give this node the cluster master, copy master.pub and master.recovery from that node's state directory into %s and run keyfs recover --recovery-key FILE here",
-			keystore.ErrIntegrity, m.KID(), o.Spec.BootstrapNode, pub.KID, g.state)
 	}
+	return pub, holds, nil
+}
+
+// nodeName is this node's name in the cluster: serve --node-id, else
+// NODE_NAME, else the host name.
+func (g *globals) nodeName() string {
+	if g.node != "" {
+		return g.node
+	}
+	return kubestore.NodeName()
+}
+
+// startEnrollment runs this daemon's enrollment roles until stop; a node
+// without the cluster master registers its EK first.
+func (g *globals) startEnrollment(dm *daemon, cluster *keystore.PublicKey, holds bool) error {
+	allow := map[string]bool{}
+	for _, h := range g.autoApprove {
+		allow[h] = true
+	}
+	e := &enroller{g: g, c: g.kubeClient, node: g.nodeName(), cluster: cluster, key: dm.key, audit: dm.audit, log: g.log, allow: allow, ready: make(chan struct{})}
+	if holds {
+		e.enrolled = true
+		close(e.ready)
+	} else if err := e.register(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); e.run(ctx) }()
+	dm.ready, dm.enrolled = e.check, e.ready
+	dm.stopEnroll = func() { cancel(); <-done }
 	return nil
 }

@@ -82,7 +82,8 @@ type globals struct {
 	command string
 
 	storeKind, kubeconfig, namespace string
-	node                             string // this node's name in the cluster (serve --node-id)
+	node                             string   // this node's name in the cluster (serve --node-id)
+	autoApprove                      []string // EK hashes enrolled without an admin (serve --auto-approve-ek)
 	kubeClient                       *kubestore.Client
 }
 
@@ -140,7 +141,7 @@ never from arguments, and are never printed or logged.`,
 	})
 	root.AddCommand(
 		initCmd(g), pubkeyCmd(g), sealCmd(g), putCmd(g), importCmd(g), lsCmd(g), rmCmd(g), verifyCmd(g),
-		recoveryKeygenCmd(g), recoverCmd(g), masterCmd(g), auditCmd(g), mountCmd(g), serveCmd(g),
+		recoveryKeygenCmd(g), recoverCmd(g), masterCmd(g), auditCmd(g), mountCmd(g), serveCmd(g), nodeCmd(g),
 	)
 	return root, g
 }

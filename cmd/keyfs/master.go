@@ -98,6 +98,24 @@ func (g *globals) auditLifecycle(m *keystore.MasterKey, evs ...audit.Event) {
 	}
 }
 
+// keepInRing is the change that moves the current master's files (of
+// kid) into the ring, to commit with the new master's: it keeps opening
+// its records and checking its audit checkpoints.
+func (g *globals) keepInRing(kid string) ([]fileset.File, error) {
+	var keep []fileset.File
+	for _, f := range []struct{ from, ext string }{{"master.sealed", "sealed"}, {"master.pub", "pub"}, {"master.recovery", "recovery"}} {
+		b, err := os.ReadFile(g.path(f.from))
+		if errors.Is(err, fs.ErrNotExist) && f.ext == "recovery" {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		keep = append(keep, fileset.File{Name: ringFile(kid, f.ext), Data: b, Perm: 0o600})
+	}
+	return keep, nil
+}
+
 func masterCmd(g *globals) *cobra.Command {
 	c := &cobra.Command{
 		Use:   "master",
@@ -222,17 +240,9 @@ files is one step: a crash leaves the old ring or the new one.`,
 					return fmt.Errorf("--recovery-pub %s: %w", recoveryPub, err)
 				}
 			}
-			// The old master's files move into the ring in the same change.
-			var keep []fileset.File
-			for _, f := range []struct{ from, ext string }{{"master.sealed", "sealed"}, {"master.pub", "pub"}, {"master.recovery", "recovery"}} {
-				b, err := os.ReadFile(g.path(f.from))
-				if errors.Is(err, fs.ErrNotExist) && f.ext == "recovery" {
-					continue
-				}
-				if err != nil {
-					return err
-				}
-				keep = append(keep, fileset.File{Name: ringFile(old.KID, f.ext), Data: b, Perm: 0o600})
+			keep, err := g.keepInRing(old.KID)
+			if err != nil {
+				return err
 			}
 			seed := make([]byte, keystore.SeedSize)
 			defer clear(seed)

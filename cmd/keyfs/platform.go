@@ -83,16 +83,24 @@ within a second. Every open is written to the audit log.`,
 			}
 			defer dm.close()
 			d, key, al := dm.store, dm.key, dm.audit
-			opts := fusefs.Options{Store: d, Key: key, Audit: al, AuditRequired: auditRequired, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: m}
-			opts.Pod.Node, _ = os.Hostname()
-			if ts != nil {
-				opts.Allow = func(t string) bool { return slices.Contains(ts, t) }
-			}
 			// Catch signals before the mount serves: a stop request must
 			// always end in an unmount.
 			sig := make(chan os.Signal, 1)
 			signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 			defer signal.Stop(sig)
+			if dm.enrolled != nil {
+				select {
+				case <-dm.enrolled:
+				case s := <-sig:
+					log.Info("stopped before enrollment", "signal", s.String())
+					return nil
+				}
+			}
+			opts := fusefs.Options{Store: d, Key: key, Audit: al, AuditRequired: auditRequired, Log: log, Keys: ks, UID: uid, GID: gid, FileMode: m}
+			opts.Pod.Node, _ = os.Hostname()
+			if ts != nil {
+				opts.Allow = func(t string) bool { return slices.Contains(ts, t) }
+			}
 			srv, err := fusefs.Mount(mnt, opts)
 			if err != nil {
 				return fmt.Errorf("mount %s: %w", mnt, err)
@@ -159,6 +167,11 @@ type daemon struct {
 	}
 	key   *keystore.MasterKey
 	audit *audit.Logger
+
+	// Cluster mode: whether this node can serve yet, closed once it can.
+	ready      func() error
+	enrolled   <-chan struct{}
+	stopEnroll func()
 }
 
 // daemonAudit is how a daemon keeps its audit trail.
@@ -184,8 +197,10 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	var cluster *keystore.PublicKey
+	var holds bool
 	if g.cluster() {
-		if err := g.joinCluster(key); err != nil {
+		if cluster, holds, err = g.joinCluster(key); err != nil {
 			key.Close()
 			return nil, err
 		}
@@ -215,6 +230,11 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	dm := &daemon{key: key, audit: al}
 	if g.cluster() {
 		dm.store, err = kubestore.Watch(g.kubeClient, g.log)
+		if err == nil {
+			if err = g.startEnrollment(dm, cluster, holds); err != nil {
+				dm.store.Close()
+			}
+		}
 	} else {
 		dm.store, err = keystore.WatchDir(d, 0, g.log)
 	}
@@ -227,6 +247,9 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 }
 
 func (dm *daemon) close() {
+	if dm.stopEnroll != nil {
+		dm.stopEnroll()
+	}
 	dm.store.Close()
 	dm.audit.Close()
 	dm.key.Close()

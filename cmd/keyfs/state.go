@@ -135,33 +135,46 @@ func (g *globals) fetchMaster(kid string) (*keystore.MasterKey, error) {
 // unsealFile unseals the master seed in the TPM blob file name and checks
 // that it derives master kid.
 func (g *globals) unsealFile(t *tpm.TPM, name, kid string) (*keystore.MasterKey, error) {
+	seed, _, err := g.unsealSeed(t, name, kid)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(seed)
+	return keystore.NewMasterKey(seed)
+}
+
+// unsealSeed unseals the master seed in the TPM blob file name, checks
+// that it derives master kid, and returns it with the blob. The caller
+// wipes the seed.
+func (g *globals) unsealSeed(t *tpm.TPM, name, kid string) ([]byte, *tpm.Blob, error) {
 	b, err := os.ReadFile(g.path(name))
 	if err != nil {
-		return nil, g.noState(err)
+		return nil, nil, g.noState(err)
 	}
 	blob, err := tpm.ParseBlob(b)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w: %w", g.path(name), keystore.ErrIntegrity, err)
+		return nil, nil, fmt.Errorf("%s: %w: %w", g.path(name), keystore.ErrIntegrity, err)
 	}
 	unpinned := blob.SRKName == nil
 	seed, err := t.Unseal(blob)
 	if err != nil {
-		return nil, fmt.Errorf("unseal the master key: %w", err)
+		return nil, nil, fmt.Errorf("unseal the master key: %w", err)
 	}
-	defer clear(seed)
 	if unpinned {
 		g.pinSRK(name, blob)
 	}
 	m, err := keystore.NewMasterKey(seed)
 	if err != nil {
-		return nil, err
+		clear(seed)
+		return nil, nil, err
 	}
+	defer m.Close()
 	if m.KID() != kid {
-		m.Close()
-		return nil, fmt.Errorf("%w: %s holds kid %s but its public key is kid %s: the state directory mixes two masters; restore both files from the same backup",
+		clear(seed)
+		return nil, nil, fmt.Errorf("%w: %s holds kid %s but its public key is kid %s: the state directory mixes two masters; restore both files from the same backup",
 			keystore.ErrIntegrity, name, m.KID(), kid)
 	}
-	return m, nil
+	return seed, blob, nil
 }
 
 // pinSRK saves a blob written before SRK pinning with the SRK it just
