@@ -2,6 +2,7 @@ package kubestore
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -334,4 +335,29 @@ func NodeName() string {
 	}
 	h, _ := os.Hostname()
 	return h
+}
+
+// event records a Warning event on o, best effort: what applied a bad
+// object sees why in kubectl describe.
+func (c *Client) event(o *SealedKey, reason, msg string) {
+	if len(msg) > 1024 {
+		msg = msg[:1024]
+	}
+	now := metav1.NewTime(time.Now())
+	ev := map[string]any{
+		"apiVersion": "v1", "kind": "Event",
+		"metadata": map[string]any{"generateName": o.Name + ".", "namespace": o.Namespace},
+		"involvedObject": map[string]any{"apiVersion": GroupVersion.String(), "kind": "SealedKey", "name": o.Name, "namespace": o.Namespace,
+			"uid": string(o.UID), "resourceVersion": o.ResourceVersion},
+		"reason": reason, "message": msg, "type": "Warning",
+		"source":         map[string]any{"component": "keyfs", "host": NodeName()},
+		"firstTimestamp": now, "lastTimestamp": now, "count": 1,
+	}
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return
+	}
+	ctx, cancel := c.ctx()
+	defer cancel()
+	c.rest.Post().AbsPath("/api/v1/namespaces", o.Namespace, "events").SetHeader("Content-Type", "application/json").Body(b).Do(ctx)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -25,6 +26,9 @@ type Index struct {
 	log   *slog.Logger
 	inf   cache.SharedIndexInformer
 	cache *keystore.RecordCache
+	check func(*keystore.Record) error
+	// refused counts SealedKeys whose record was refused (each version once).
+	refused atomic.Uint64
 
 	mu    sync.Mutex // guards what follows and orders Publish calls
 	dirty map[string]bool
@@ -49,12 +53,16 @@ const tenantIndex = "tenant"
 const syncTimeout = 60 * time.Second
 
 // Watch lists c's SealedKeys and keeps the index current until Close.
-func Watch(c *Client, log *slog.Logger) (*Index, error) {
+// check, if not nil, vets each record (its kid, say) as it arrives: an
+// object that does not parse, belongs elsewhere or fails check stays
+// listed, so only its own file fails to read (EIO), and is reported once
+// per version in the log and as a Kubernetes event naming the object.
+func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error) (*Index, error) {
 	if log == nil {
 		log = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	x := &Index{c: c, log: log, cache: keystore.NewRecordCache(keystore.RecordCacheSize),
+	x := &Index{c: c, log: log, check: check, cache: keystore.NewRecordCache(keystore.RecordCacheSize),
 		dirty: map[string]bool{}, keys: map[string]indexed{}, kick: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{})}
 	r := c.rest
 	lw := &cache.ListWatch{
@@ -206,6 +214,9 @@ func (x *Index) tenant(t string, prev *keystore.Tenant) *keystore.Tenant {
 		}
 		k := keystore.NewKey(entryOf(o), x.load, x.cache)
 		x.keys[o.Name] = indexed{rv: o.ResourceVersion, key: k}
+		if err := x.vet(o); err != nil {
+			x.refuse(o, err)
+		}
 		keys = append(keys, k)
 		same = false
 	}
@@ -220,6 +231,26 @@ func (x *Index) tenant(t string, prev *keystore.Tenant) *keystore.Tenant {
 	return keystore.NewTenant(keys)
 }
 
+// vet is the error reading o's record would meet, nil for a good one.
+func (x *Index) vet(o *SealedKey) error {
+	r, err := recordOf(o)
+	if err == nil && x.check != nil {
+		err = x.check(r)
+	}
+	return err
+}
+
+// Refused counts the SealedKey versions refused since Watch.
+func (x *Index) Refused() uint64 { return x.refused.Load() }
+
+// refuse reports a bad object: a log line, a count, and a Warning event
+// on the object, for whoever applied it (kubectl describe sealedkey).
+func (x *Index) refuse(o *SealedKey, err error) {
+	x.refused.Add(1)
+	x.log.Error("refusing a SealedKey: its file reads as an I/O error; every other key is served", "object", o.Namespace+"/"+o.Name, "err", err)
+	go x.c.event(o, "RecordRefused", err.Error())
+}
+
 // load reads e's record from the informer's cache.
 func (x *Index) load(e keystore.Entry) (*keystore.Record, error) {
 	obj, ok, err := x.inf.GetIndexer().GetByKey(x.c.namespace + "/" + ObjectName(e.Tenant, e.Name))
@@ -230,6 +261,9 @@ func (x *Index) load(e keystore.Entry) (*keystore.Record, error) {
 		return nil, fmt.Errorf("%w: %s/%s was removed", keystore.ErrNotFound, e.Tenant, e.Name)
 	}
 	r, err := recordOf(obj.(*SealedKey))
+	if err == nil && x.check != nil {
+		err = x.check(r)
+	}
 	if err != nil {
 		return nil, err
 	}

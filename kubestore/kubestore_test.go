@@ -2,6 +2,7 @@ package kubestore
 
 import (
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -264,7 +265,13 @@ func TestIndex(t *testing.T) {
 	m := master(t)
 	put(t, c, m.Public(), "acme", "openai", "sk-1")
 	put(t, c, m.Public(), "beta", "gemini", "sk-b")
-	x, err := Watch(c, nil)
+	kidCheck := func(r *keystore.Record) error {
+		if r.KID != m.KID() {
+			return &keystore.KIDMismatchError{Record: r.KID, Have: m.KID()}
+		}
+		return nil
+	}
+	x, err := Watch(c, nil, kidCheck)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -310,6 +317,41 @@ func TestIndex(t *testing.T) {
 	if _, err := s.Tenant("acme").Key("openai").Record(); err != nil {
 		t.Errorf("a bad neighbour broke acme/openai: %v", err)
 	}
+	// A record sealed to another master: listed, refused, reported.
+	other, _ := keystore.Seal(master(t).Public(), "acme", "foreign", 1, []byte("x"))
+	if err := c.write(other, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitSnap(t, x, "foreign record listed", func(s *keystore.Snapshot) bool { return s.Tenant("acme").Key("foreign") != nil })
+	if _, err := x.Snapshot().Tenant("acme").Key("foreign").Record(); !errors.Is(err, keystore.ErrIntegrity) || !strings.Contains(err.Error(), "sealed to kid "+other.KID) {
+		t.Errorf("a record sealed to another master: %v", err)
+	}
+	if n := x.Refused(); n != 2 {
+		t.Errorf("%d refused objects counted, want 2 (moved, foreign)", n)
+	}
+	var evs struct {
+		Items []struct {
+			Reason, Message, Type string
+			InvolvedObject        struct{ Kind, Name string }
+		}
+	}
+	if !poll(5*time.Second, func() bool {
+		ctx, cancel := c.ctx()
+		defer cancel()
+		b, err := c.rest.Get().AbsPath("/api/v1/namespaces", c.namespace, "events").DoRaw(ctx)
+		return err == nil && json.Unmarshal(b, &evs) == nil && len(evs.Items) >= 2
+	}) {
+		t.Fatalf("no Kubernetes events for the refused objects: %+v", evs)
+	}
+	names := map[string]string{}
+	for _, e := range evs.Items {
+		if e.Type == "Warning" && e.Reason == "RecordRefused" && e.InvolvedObject.Kind == "SealedKey" {
+			names[e.InvolvedObject.Name] = e.Message
+		}
+	}
+	if !strings.Contains(names["acme.stolen"], "cannot be moved") || !strings.Contains(names["acme.foreign"], "sealed to kid") {
+		t.Errorf("events do not name the objects and why: %v", names)
+	}
 	objs := x.inf.GetStore().List()
 	for _, obj := range objs {
 		if o := obj.(*SealedKey); len(o.ManagedFields) != 0 {
@@ -325,4 +367,13 @@ func TestIndex(t *testing.T) {
 	if err := x.Refresh(); err != nil {
 		t.Errorf("refresh: %v", err)
 	}
+}
+
+func poll(d time.Duration, cond func() bool) bool {
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+	return true
 }

@@ -101,6 +101,8 @@ func TestClusterApplies(t *testing.T) {
 		{"GET", "/apis/keyfs.dev/v1alpha1/namespaces/keyfs-system/sealedkeys?watch=true&timeoutSeconds=1", "", true},
 		{"GET", "/apis/keyfs.dev/v1alpha1/keyfsclusters", "", true},
 		{"GET", "/apis/keyfs.dev/v1alpha1/keyfsnodes", "", true},
+		{"POST", "/api/v1/namespaces/keyfs-system/events", `{"apiVersion":"v1","kind":"Event","metadata":{"generateName":"x."},"involvedObject":{"kind":"SealedKey","name":"acme.x","namespace":"keyfs-system"},"reason":"RecordRefused","message":"m","type":"Warning"}`, true},
+		{"GET", "/api/v1/namespaces/keyfs-system/events", "", false},
 		{"POST", "/apis/keyfs.dev/v1alpha1/namespaces/keyfs-system/sealedkeys", `{"apiVersion":"keyfs.dev/v1alpha1","kind":"SealedKey","metadata":{"name":"acme.x"},"spec":{"tenant":"acme","name":"x","record":"keyfs-record v1\n"}}`, false},
 		{"DELETE", "/apis/keyfs.dev/v1alpha1/namespaces/keyfs-system/sealedkeys/acme.x", "", false},
 		{"GET", "/apis/keyfs.dev/v1alpha1/namespaces/default/sealedkeys", "", false},

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"crypto/tls"
+	"errors"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -72,6 +73,30 @@ func TestClusterStore(t *testing.T) {
 	if v := nodeA.must(0, "", "verify").stdout; strings.Count(v, "  ok") != 2 {
 		t.Errorf("verify on the node holding the cluster master:\n%s", v)
 	}
+	// A SealedKey sealed to another master: its file fails, alone.
+	other := &cli{t: t, state: filepath.Join(work, "other"), tpm: "sim"}
+	other.must(0, "", "init")
+	otherPub := filepath.Join(work, "other.pub")
+	writeFile(t, otherPub, other.must(0, "", "pubkey").stdout)
+	apply(t, k, ns, admin.must(0, "sk-foreign", "seal", "--pubkey", otherPub, "--tenant", "acme", "--name", "foreign", "-o", "yaml").stdout)
+	foreign := filepath.Join(mnt, "acme", "foreign")
+	if !poll(2*time.Second, func() bool { _, err := os.Stat(foreign); return err == nil }) {
+		t.Fatal("a SealedKey sealed to another master is not listed")
+	}
+	if _, err := os.ReadFile(foreign); !errors.Is(err, syscall.EIO) {
+		t.Errorf("read of a record sealed to another master: %v, want EIO", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(mnt, "acme", "openai")); err != nil || string(b) != "sk-cluster-put" {
+		t.Errorf("a foreign neighbour broke acme/openai: %q %v", b, err)
+	}
+	if !logged(stderr, "refusing a SealedKey") || !strings.Contains(stderr.String(), "acme.foreign") {
+		t.Errorf("the refusal is not logged naming the object:\n%s", stderr.String())
+	}
+	// The mount writes audit events just after the reply: wait for it.
+	if !poll(5*time.Second, func() bool { return strings.Contains(nodeA.must(0, "", "audit", "-o", "json").stdout, `"key":"foreign"`) }) {
+		t.Error("no audit event for the refused read")
+	}
+
 	admin.must(0, "", "rm", "acme/openai")
 	if !poll(2*time.Second, func() bool { _, err := os.Stat(filepath.Join(mnt, "acme", "openai")); return os.IsNotExist(err) }) {
 		t.Fatalf("a removed key still shows after 2 s")
@@ -84,7 +109,7 @@ func TestClusterStore(t *testing.T) {
 	if err := waitOrDump(t, mount, 30*time.Second, stderr); err != nil {
 		t.Fatal(err)
 	}
-	noValueIn(t, k.EtcdDir(), "sk-cluster-put", "sk-from-git")
+	noValueIn(t, k.EtcdDir(), "sk-cluster-put", "sk-from-git", "sk-foreign")
 	noValueIn(t, nodeA.state, "sk-cluster-put", "sk-from-git")
 	if strings.Contains(stderr.String(), "sk-") {
 		t.Error("the daemon logged a value")

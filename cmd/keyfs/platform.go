@@ -229,7 +229,12 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	}
 	dm := &daemon{key: key, audit: al}
 	if g.cluster() {
-		dm.store, err = kubestore.Watch(g.kubeClient, g.log)
+		dm.store, err = kubestore.Watch(g.kubeClient, g.log, func(r *keystore.Record) error {
+			if r.KID != cluster.KID {
+				return &keystore.KIDMismatchError{Record: r.KID, Have: cluster.KID}
+			}
+			return nil
+		})
 		if err == nil {
 			if err = g.startEnrollment(dm, cluster, holds); err != nil {
 				dm.store.Close()

@@ -15,6 +15,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/keyfs/keyfs/driver"
 	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/kubestore"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -83,6 +84,23 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 					Name: "keyfs_audit_write_failures_total",
 					Help: "Audit events that could not be written (with --audit-required, their opens failed).",
 				}, func() float64 { return float64(al.Failures()) }))
+			if x, ok := store.(*kubestore.Index); ok {
+				reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+					Name: "keyfs_sealedkeys_refused_total",
+					Help: "SealedKey versions refused (malformed, moved, or sealed to another master): each reads as EIO.",
+				}, func() float64 { return float64(x.Refused()) }))
+			}
+			if dm.ready != nil {
+				reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+					Name: "keyfs_node_enrolled",
+					Help: "1 when this node holds the cluster master key; 0 while it waits for enrollment (keyfs node approve).",
+				}, func() float64 {
+					if dm.ready() != nil {
+						return 0
+					}
+					return 1
+				}))
+			}
 			d, err := driver.New(driver.Config{
 				Version: version(), NodeID: nodeID, KubeletDir: kubeletDir, StateDir: g.state,
 				Store: store, Key: key, Audit: al, AuditRequired: auditRequired, Log: log, Policy: pol, Registry: reg, Ready: dm.ready,
