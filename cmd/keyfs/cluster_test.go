@@ -93,7 +93,9 @@ func TestClusterStore(t *testing.T) {
 		t.Errorf("the refusal is not logged naming the object:\n%s", stderr.String())
 	}
 	// The mount writes audit events just after the reply: wait for it.
-	if !poll(5*time.Second, func() bool { return strings.Contains(nodeA.must(0, "", "audit", "-o", "json").stdout, `"key":"foreign"`) }) {
+	if !poll(5*time.Second, func() bool {
+		return strings.Contains(nodeA.must(0, "", "audit", "-o", "json").stdout, `"key":"foreign"`)
+	}) {
 		t.Error("no audit event for the refused read")
 	}
 
