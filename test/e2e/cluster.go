@@ -49,6 +49,7 @@ func (h *harness) vars() map[string]string {
 		"STATE_DIR":            h.stateDir(),
 		"SWTPM_PORT":           fmt.Sprint(h.ports.SWTPM),
 		"METRICS_PORT":         fmt.Sprint(h.ports.Metrics),
+		"APISERVER_PORT":       fmt.Sprint(h.ports.APIServer),
 		"IMAGE":                h.keyfsRef,
 	}
 }
@@ -191,7 +192,8 @@ func (h *harness) clusterUp(ctx context.Context) error {
 	admin := pki + "/admin.kubeconfig"
 	if err := h.startProc("kube-controller-manager", []string{filepath.Join(h.k8sBin, "kube-controller-manager"),
 		"--kubeconfig=" + admin, "--authentication-kubeconfig=" + admin, "--authorization-kubeconfig=" + admin,
-		"--leader-elect=false", "--controllers=daemonset-controller,serviceaccount-controller",
+		"--leader-elect=false", "--controllers=daemonset-controller,serviceaccount-controller,root-ca-certificate-publisher-controller",
+		"--root-ca-file=" + pki + "/ca.crt", // for pods' kube-root-ca.crt: cluster mode's keyfs talks to the API
 		"--bind-address=" + loc, fmt.Sprintf("--secure-port=%d", h.ports.ControllerManager),
 		"--use-service-account-credentials=false", "--profiling=false"}); err != nil {
 		return err

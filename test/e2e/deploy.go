@@ -28,9 +28,10 @@ const (
 )
 
 // renderOverlay runs kustomize (krusty, as `kubectl apply -k` does) on
-// test/e2e/overlay, whose base is the repository's manifests/, after
-// filling in the overlay's placeholders from vars. The base is used as it is.
-func renderOverlay(repo string, vars map[string]string) ([]*unstructured.Unstructured, error) {
+// test/e2e/OVERLAY (overlay: manifests/; overlay-cluster:
+// manifests/cluster), after filling in the e2e node's placeholders from
+// vars. The manifests are used as they are.
+func renderOverlay(repo, overlay string, vars map[string]string) ([]*unstructured.Unstructured, error) {
 	mem := filesys.MakeFsInMemory()
 	copyTree := func(dir string, fill bool) error {
 		return filepath.WalkDir(filepath.Join(repo, dir), func(p string, d fs.DirEntry, err error) error {
@@ -58,12 +59,14 @@ func renderOverlay(repo string, vars map[string]string) ([]*unstructured.Unstruc
 	if err := copyTree("manifests", false); err != nil {
 		return nil, err
 	}
-	if err := copyTree("test/e2e/overlay", true); err != nil {
-		return nil, err
+	for _, d := range []string{"test/e2e/node", "test/e2e/" + overlay} {
+		if err := copyTree(d, true); err != nil {
+			return nil, err
+		}
 	}
-	rm, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(mem, "/test/e2e/overlay")
+	rm, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(mem, "/test/e2e/"+overlay)
 	if err != nil {
-		return nil, fmt.Errorf("kustomize test/e2e/overlay: %w", err)
+		return nil, fmt.Errorf("kustomize test/e2e/%s: %w", overlay, err)
 	}
 	var objs []*unstructured.Unstructured
 	for _, r := range rm.Resources() {
@@ -86,8 +89,10 @@ func (h *harness) overlayVars() map[string]string {
 // deploy applies the rendered overlay (server-side apply, every kind the
 // base has) and waits for the DaemonSet pod to be ready and the driver
 // registered with kubelet.
-func (h *harness) deploy(ctx context.Context) (string, error) {
-	objs, err := renderOverlay(h.repo, h.overlayVars())
+func (h *harness) deploy(ctx context.Context) (string, error) { return h.deployOverlay(ctx, "overlay") }
+
+func (h *harness) deployOverlay(ctx context.Context, overlay string) (string, error) {
+	objs, err := renderOverlay(h.repo, overlay, h.overlayVars())
 	if err != nil {
 		return "", err
 	}
@@ -96,7 +101,7 @@ func (h *harness) deploy(ctx context.Context) (string, error) {
 		b, _ := yaml.Marshal(o.Object)
 		all = append(append(all, "---\n"...), b...)
 	}
-	os.WriteFile(h.path("keyfs-rendered.yaml"), all, 0o600)
+	os.WriteFile(h.path("keyfs-rendered-"+overlay+".yaml"), all, 0o600)
 
 	dyn, err := dynamic.NewForConfig(h.rest)
 	if err != nil {
@@ -126,7 +131,7 @@ func (h *harness) deploy(ctx context.Context) (string, error) {
 		if err != nil {
 			return false, nil
 		}
-		return ds.Status.DesiredNumberScheduled == 1 && ds.Status.NumberReady == 1 && ds.Status.ObservedGeneration == ds.Generation, nil
+		return ds.Status.DesiredNumberScheduled == 1 && ds.Status.UpdatedNumberScheduled == 1 && ds.Status.NumberReady == 1 && ds.Status.ObservedGeneration == ds.Generation, nil
 	}); err != nil {
 		return "", fmt.Errorf("%w%s", err, h.dsPodStatus(ctx))
 	}

@@ -38,8 +38,9 @@ type harness struct {
 	mu    sync.Mutex
 	procs map[string]*exec.Cmd
 
-	results []result
-	s       scenarioState
+	results       []result
+	s             scenarioState
+	clusterValues []string // values stored in cluster mode, looked for in etcd
 }
 
 // ports are chosen free at start: nothing of the harness listens on a

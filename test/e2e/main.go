@@ -156,6 +156,7 @@ func run(o options) int {
 	h.logf("cluster up in %s", h.clusterStart.Round(100*time.Millisecond))
 
 	h.runScenarios(ctx)
+	h.runClusterScenarios(ctx)
 	failed := false
 	for _, r := range h.results {
 		failed = failed || !r.ok

@@ -17,9 +17,19 @@ func TestOverlayRenders(t *testing.T) {
 	vars := map[string]string{
 		"IMAGE_NAME": "ghcr.io/keyfs/keyfs", "IMAGE_TAG": "e2e",
 		"KUBELET_DIR": "/tmp/keyfs-e2e-x/kubelet", "STATE_DIR": "/tmp/keyfs-e2e-x/keyfs-state",
-		"SWTPM_PORT": "40001", "METRICS_PORT": "40003",
+		"SWTPM_PORT": "40001", "METRICS_PORT": "40003", "APISERVER_PORT": "40005",
 	}
-	objs, err := renderOverlay("../..", vars)
+	for _, overlay := range []string{"overlay", "overlay-cluster"} {
+		t.Run(overlay, func(t *testing.T) { checkOverlay(t, overlay, vars) })
+	}
+	delete(vars, "SWTPM_PORT")
+	if _, err := renderOverlay("../..", "overlay", vars); err == nil || !strings.Contains(err.Error(), "SWTPM_PORT") {
+		t.Errorf("a missing variable: %v", err)
+	}
+}
+
+func checkOverlay(t *testing.T, overlay string, vars map[string]string) {
+	objs, err := renderOverlay("../..", overlay, vars)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -92,9 +102,15 @@ func TestOverlayRenders(t *testing.T) {
 	if paths["kubelet-dir"] != "/tmp/keyfs-e2e-x/kubelet" || paths["state"] != "/tmp/keyfs-e2e-x/keyfs-state" || paths["tpm"] != "" {
 		t.Errorf("hostPaths: %v", paths)
 	}
-
-	delete(vars, "SWTPM_PORT")
-	if _, err := renderOverlay("../..", vars); err == nil || !strings.Contains(err.Error(), "SWTPM_PORT") {
-		t.Errorf("a missing variable: %v", err)
+	env := map[string]string{}
+	for _, e := range c.Env {
+		env[e.Name] = e.Value
+	}
+	if env["KUBERNETES_SERVICE_HOST"] != "127.0.0.1" || env["KUBERNETES_SERVICE_PORT"] != "40005" {
+		t.Errorf("the API server's address: %v", env)
+	}
+	cluster := overlay == "overlay-cluster"
+	if strings.Contains(args, "--store=kubernetes") != cluster || (s.AutomountServiceAccountToken != nil && *s.AutomountServiceAccountToken) != cluster {
+		t.Errorf("%s: --store=kubernetes and a token in: %v, want %v: %s", overlay, !cluster, cluster, args)
 	}
 }

@@ -90,6 +90,7 @@ func (h *harness) summary() (failed bool) {
 	pass, fail := 0, 0
 	fmt.Println()
 	fmt.Printf("cluster start: %s\n", h.clusterStart.Round(100*time.Millisecond))
+	fmt.Printf("nodes: 1 (%s)\n", nodeName)
 	for _, r := range h.results {
 		v := "PASS"
 		if r.ok {
