@@ -51,7 +51,9 @@ demo: deps-demo build
 	scripts/demo.sh
 
 # Figures, never pass/fail: keyfs vs tmpfs vs gocryptfs reads, tenant
-# scale, then CSI publish and many-mount figures.
-bench: deps-bench
+# scale, CSI publish and many-mount figures, then cluster mode (enrollment,
+# put → read on two nodes, a daemon starting on 30,000 SealedKeys).
+bench: deps-bench deps-test
 	$(GO) run -tags $(TAGS) ./test/bench
 	$(GO) run -tags $(TAGS) ./test/benchcsi
+	$(GO) run ./test/benchcluster

@@ -137,6 +137,9 @@ func (c *Client) write(r *keystore.Record, old *SealedKey) error {
 
 // recordOf parses o's record and checks that it belongs where it is stored.
 func recordOf(o *SealedKey) (*keystore.Record, error) {
+	if o.parsed {
+		return o.rec, o.recErr
+	}
 	if want := ObjectName(o.Spec.Tenant, o.Spec.Name); o.Name != want {
 		return nil, fmt.Errorf("%w: SealedKey %s/%s holds %s/%s, whose object is named %s", keystore.ErrIntegrity, o.Namespace, o.Name, o.Spec.Tenant, o.Spec.Name, want)
 	}
@@ -206,6 +209,11 @@ func (c *Client) Import(r *keystore.Record) error {
 	}
 	return fmt.Errorf("%w: %s/%s changed under %d writes in a row; try again", keystore.ErrConflict, r.Tenant, r.Name, retries)
 }
+
+// Create stores r as a new key's object; an error wrapping ErrConflict if
+// the key exists. For bulk loads: Put and Import read the stored version
+// first.
+func (c *Client) Create(r *keystore.Record) error { return c.write(r, nil) }
 
 // Remove deletes tenant/name's object. The API keeps one version per
 // key, so all makes no difference: the key is gone.

@@ -18,14 +18,14 @@ import (
 )
 
 // Index is a namespace's SealedKeys as a keystore.Store: one informer (a
-// list, then one watch) for the whole daemon, one record cache, and a
-// snapshot rebuilt for the tenants each change touches.
+// list, then one watch) for the whole daemon, whose cache holds each
+// record parsed, and a snapshot rebuilt for the tenants each change
+// touches.
 type Index struct {
 	keystore.Published
 	c     *Client
 	log   *slog.Logger
 	inf   cache.SharedIndexInformer
-	cache *keystore.RecordCache
 	check func(*keystore.Record) error
 	// refused counts SealedKeys whose record was refused (each version once).
 	refused atomic.Uint64
@@ -62,7 +62,7 @@ func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error) (*In
 		log = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	x := &Index{c: c, log: log, check: check, cache: keystore.NewRecordCache(keystore.RecordCacheSize),
+	x := &Index{c: c, log: log, check: check,
 		dirty: map[string]bool{}, keys: map[string]indexed{}, kick: make(chan struct{}, 1), cancel: cancel, done: make(chan struct{})}
 	r := c.rest
 	lw := &cache.ListWatch{
@@ -79,13 +79,18 @@ func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error) (*In
 	x.inf = cache.NewSharedIndexInformer(lw, &SealedKey{}, 0, cache.Indexers{tenantIndex: func(obj any) ([]string, error) {
 		return []string{obj.(*SealedKey).Spec.Tenant}, nil
 	}})
-	// The cache holds ciphertext and names only: drop what the API adds.
+	// The cache holds names and parsed ciphertext only: no managedFields,
+	// no last-applied annotation, no armor text, no other metadata.
 	x.inf.SetTransform(func(obj any) (any, error) {
-		if o, ok := obj.(*SealedKey); ok {
-			o.ManagedFields = nil
-			delete(o.Annotations, "kubectl.kubernetes.io/last-applied-configuration")
+		o, ok := obj.(*SealedKey)
+		if !ok {
+			return obj, nil
 		}
-		return obj, nil
+		slim := &SealedKey{TypeMeta: o.TypeMeta, Spec: SealedKeySpec{Tenant: o.Spec.Tenant, Name: o.Spec.Name},
+			ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion}}
+		slim.rec, slim.recErr = recordOf(o)
+		slim.parsed = true
+		return slim, nil
 	})
 	x.inf.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
 		x.mu.Lock()
@@ -212,7 +217,7 @@ func (x *Index) tenant(t string, prev *keystore.Tenant) *keystore.Tenant {
 			same = same && prev.Key(o.Spec.Name) == k.key
 			continue
 		}
-		k := keystore.NewKey(entryOf(o), x.load, x.cache)
+		k := keystore.NewKey(entryOf(o), x.load, nil) // the cache holds the record already
 		x.keys[o.Name] = indexed{rv: o.ResourceVersion, key: k}
 		if err := x.vet(o); err != nil {
 			x.refuse(o, err)

@@ -7,6 +7,7 @@ package kubestore
 import (
 	"slices"
 
+	"github.com/keyfs/keyfs/keystore"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/runtime/serializer"
@@ -22,6 +23,12 @@ type SealedKey struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 	Spec              SealedKeySpec `json:"spec"`
+
+	// In the informer's cache: the record parsed once (Spec.Record is
+	// then dropped), or why it does not parse.
+	parsed bool
+	rec    *keystore.Record
+	recErr error
 }
 
 // SealedKeySpec names the key and carries its record armor.

@@ -23,7 +23,11 @@ func Process() error {
 	if err := unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{}); err != nil {
 		return fmt.Errorf("disable core files (setrlimit RLIMIT_CORE): %w", err)
 	}
-	if err := unix.Mlockall(unix.MCL_CURRENT | unix.MCL_FUTURE); err != nil {
+	// MCL_ONFAULT (Linux 4.4) locks each page as it is first touched, not
+	// every mapping in full when made: the Go runtime maps its heap in
+	// 64 MB arenas, which would otherwise all be resident from the start.
+	// A page is locked before anything is written to it either way.
+	if err := unix.Mlockall(unix.MCL_CURRENT | unix.MCL_FUTURE | unix.MCL_ONFAULT); err != nil {
 		hint := ""
 		if errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.EPERM) {
 			hint = ": raise RLIMIT_MEMLOCK or grant CAP_IPC_LOCK"

@@ -67,10 +67,14 @@ var (
 func Main(m *testing.M) int {
 	code := m.Run()
 	if shared != nil {
-		shared.stop()
+		shared.Stop()
 	}
 	return code
 }
+
+// Run starts a cluster of its own, for a program rather than a test
+// (benchmarks); Stop it.
+func Run() (*Cluster, error) { return start() }
 
 // Start returns the test binary's cluster, starting it on first use. When
 // etcd or kube-apiserver is missing, the test fails under CI and is
@@ -136,11 +140,17 @@ var nsSeq atomic.Int64
 // Namespace creates a new namespace for t and returns its name.
 func (c *Cluster) Namespace(t testing.TB) string {
 	t.Helper()
-	name := fmt.Sprintf("kubetest-%d", nsSeq.Add(1))
-	if err := c.post("/api/v1/namespaces", []byte(`{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"`+name+`"}}`)); err != nil {
+	name, err := c.NewNamespace()
+	if err != nil {
 		t.Fatal(err)
 	}
 	return name
+}
+
+// NewNamespace creates a new namespace and returns its name.
+func (c *Cluster) NewNamespace() (string, error) {
+	name := fmt.Sprintf("kubetest-%d", nsSeq.Add(1))
+	return name, c.post("/api/v1/namespaces", []byte(`{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"`+name+`"}}`))
 }
 
 // post creates the object in JSON body at path, as admin.
@@ -231,7 +241,7 @@ func start() (*Cluster, error) {
 	ok := false
 	defer func() {
 		if !ok {
-			c.stop()
+			c.Stop()
 		}
 	}()
 	var ports [3]int
@@ -334,7 +344,8 @@ func (c *Cluster) failed(name string, err error) error {
 	return fmt.Errorf("%s: %w; its log ends:\n%s", name, err, b)
 }
 
-func (c *Cluster) stop() {
+// Stop ends the cluster's processes and removes its files.
+func (c *Cluster) Stop() {
 	for i := len(c.procs) - 1; i >= 0; i-- {
 		p := c.procs[i]
 		p.cmd.Process.Signal(syscall.SIGTERM)
