@@ -317,6 +317,67 @@ func (c *Client) Cluster() (*KeyfsCluster, *keystore.PublicKey, error) {
 	return &o, pub, nil
 }
 
+// KIDs lists the cluster's masters: the current one first, then the older.
+func (o *KeyfsCluster) KIDs() []string {
+	ks := []string{o.Spec.KID}
+	for _, m := range o.Spec.Older {
+		ks = append(ks, m.KID)
+	}
+	return ks
+}
+
+// Rotate makes next the cluster master, keeping from (the current one)
+// in the ring; it fails if from is no longer current.
+func (c *Client) Rotate(from, next *keystore.PublicKey) (*KeyfsCluster, error) {
+	o, cur, err := c.Cluster()
+	if err != nil {
+		return nil, err
+	}
+	if cur.KID != from.KID {
+		return nil, fmt.Errorf("%w: the cluster master is %s, not %s: rotate on a node that holds it", keystore.ErrConflict, cur.KID, from.KID)
+	}
+	o.Spec.Older = append([]OlderMaster{{KID: o.Spec.KID, PublicKey: o.Spec.PublicKey}}, o.Spec.Older...)
+	o.Spec.KID, o.Spec.PublicKey = next.KID, string(next.Marshal())
+	return c.updateCluster(o)
+}
+
+// Retire drops older master kid from the ring.
+func (c *Client) Retire(kid string) (*KeyfsCluster, error) {
+	o, _, err := c.Cluster()
+	if err != nil {
+		return nil, err
+	}
+	i := slices.IndexFunc(o.Spec.Older, func(m OlderMaster) bool { return m.KID == kid })
+	if i < 0 {
+		return nil, fmt.Errorf("%w: kid %s is not an older master of the cluster (%v)", keystore.ErrNotFound, kid, o.KIDs())
+	}
+	o.Spec.Older = slices.Delete(o.Spec.Older, i, i+1)
+	return c.updateCluster(o)
+}
+
+func (c *Client) updateCluster(o *KeyfsCluster) (*KeyfsCluster, error) {
+	ctx, cancel := c.ctx()
+	defer cancel()
+	var out KeyfsCluster
+	if err := c.rest.Put().Resource("keyfsclusters").Name(ClusterName).Body(o).Do(ctx).Into(&out); err != nil {
+		return nil, apiError("update KeyfsCluster "+ClusterName, err)
+	}
+	return &out, nil
+}
+
+// Replace swaps the object of r's key for r if it still holds version
+// r.Version: a reseal of the same value to another master.
+func (c *Client) Replace(r *keystore.Record) error {
+	old, err := c.GetSealedKey(r.Tenant, r.Name)
+	if err != nil {
+		return err
+	}
+	if v := versionOf(old); v != r.Version {
+		return fmt.Errorf("%w: %s/%s is at version %d now, not %d", keystore.ErrConflict, r.Tenant, r.Name, v, r.Version)
+	}
+	return c.write(r, old)
+}
+
 // Bootstrap creates the KeyfsCluster from pub, if none exists. Of nodes
 // racing, exactly one creates it; every caller gets the one that won.
 func (c *Client) Bootstrap(pub *keystore.PublicKey, node string) (*KeyfsCluster, *keystore.PublicKey, bool, error) {

@@ -278,6 +278,16 @@ func (x *Index) load(e keystore.Entry) (*keystore.Record, error) {
 	return r, nil
 }
 
+// Recheck vets every record again, as new: for when what check accepts
+// changed (a master retired). Keys are rebuilt, so records already read
+// are checked again at their next open.
+func (x *Index) Recheck() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.keys = map[string]indexed{}
+	x.rebuild(true)
+}
+
 // Refresh publishes what the informer has seen and not yet indexed, and
 // says why the watch fails, if it does.
 func (x *Index) Refresh() error {

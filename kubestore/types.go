@@ -54,9 +54,16 @@ type KeyfsCluster struct {
 
 // KeyfsClusterSpec is the master's kid and public key armor.
 type KeyfsClusterSpec struct {
-	KID           string `json:"kid"`
-	PublicKey     string `json:"publicKey"`
-	BootstrapNode string `json:"bootstrapNode,omitempty"`
+	KID           string        `json:"kid"`
+	PublicKey     string        `json:"publicKey"`
+	BootstrapNode string        `json:"bootstrapNode,omitempty"`
+	Older         []OlderMaster `json:"older,omitempty"`
+}
+
+// OlderMaster is a master of the ring that no longer seals.
+type OlderMaster struct {
+	KID       string `json:"kid"`
+	PublicKey string `json:"publicKey"`
 }
 
 // KeyfsClusterList is a list of KeyfsClusters.
@@ -164,6 +171,7 @@ func (o *SealedKeyList) DeepCopyObject() runtime.Object {
 func (o *KeyfsCluster) DeepCopyObject() runtime.Object {
 	c := *o
 	o.ObjectMeta.DeepCopyInto(&c.ObjectMeta)
+	c.Spec.Older = slices.Clone(o.Spec.Older)
 	return &c
 }
 

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"slices"
+	"time"
 
 	"github.com/keyfs/keyfs/keystore"
 	"github.com/keyfs/keyfs/kubestore"
@@ -91,25 +92,25 @@ func (g *globals) localOnly(what string) error {
 
 // joinCluster makes this node's master the cluster's when no node has
 // yet, and says whether this node holds the cluster master.
-func (g *globals) joinCluster(m *keystore.MasterKey) (*keystore.PublicKey, bool, error) {
+func (g *globals) joinCluster(m *keystore.MasterKey) (*kubestore.KeyfsCluster, *keystore.PublicKey, bool, error) {
 	klog.SetSlogLogger(g.log.With("component", "client-go"))
 	c, err := g.kube()
 	if err != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
 	node := g.nodeName()
 	o, pub, won, err := c.Bootstrap(m.Public(), node)
 	if err != nil {
-		return nil, false, err
+		return nil, nil, false, err
 	}
-	holds := pub.KID == m.KID() || slices.Contains(m.KIDs(), pub.KID)
+	holds := slices.Contains(m.KIDs(), pub.KID)
 	switch {
 	case won:
 		g.log.Info("bootstrapped the cluster master: KeyfsCluster default now names this node's master key", "kid", pub.KID, "node", node)
 	case holds:
 		g.log.Info("this node holds the cluster master", "kid", pub.KID, "bootstrapped_by", o.Spec.BootstrapNode)
 	}
-	return pub, holds, nil
+	return o, pub, holds, nil
 }
 
 // nodeName is this node's name in the cluster: serve --node-id, else
@@ -121,24 +122,38 @@ func (g *globals) nodeName() string {
 	return kubestore.NodeName()
 }
 
-// startEnrollment runs this daemon's enrollment roles until stop; a node
-// without the cluster master registers its EK first.
-func (g *globals) startEnrollment(dm *daemon, cluster *keystore.PublicKey, holds bool) error {
+// newEnroller registers this node's KeyfsNode; run starts its roles.
+func (g *globals) newEnroller(dm *daemon, o *kubestore.KeyfsCluster, cluster *keystore.PublicKey, holds bool) (*enroller, error) {
 	allow := map[string]bool{}
 	for _, h := range g.autoApprove {
 		allow[h] = true
 	}
-	e := &enroller{g: g, c: g.kubeClient, node: g.nodeName(), cluster: cluster, key: dm.key, audit: dm.audit, log: g.log, allow: allow, ready: make(chan struct{})}
+	e := &enroller{g: g, c: g.kubeClient, node: g.nodeName(), cluster: cluster, kids: o.KIDs(), fetched: time.Now(),
+		key: dm.key, audit: dm.audit, log: g.log, allow: allow, ready: make(chan struct{})}
 	if holds {
 		e.enrolled = true
 		close(e.ready)
-	} else if err := e.register(); err != nil {
-		return err
 	}
+	if err := e.register(holds); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// checkKID refuses a record sealed to a master that is not the cluster's.
+func (e *enroller) checkKID(r *keystore.Record) error {
+	if e.knows(r.KID) {
+		return nil
+	}
+	kids := e.clusterKIDs()
+	return &keystore.KIDMismatchError{Record: r.KID, Have: kids[0], Older: kids[1:]}
+}
+
+// start runs the enrollment roles until the daemon closes.
+func (e *enroller) start(dm *daemon) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); e.run(ctx) }()
 	dm.ready, dm.enrolled = e.check, e.ready
 	dm.stopEnroll = func() { cancel(); <-done }
-	return nil
 }

@@ -103,8 +103,8 @@ func TestClusterStore(t *testing.T) {
 	if !poll(2*time.Second, func() bool { _, err := os.Stat(filepath.Join(mnt, "acme", "openai")); return os.IsNotExist(err) }) {
 		t.Fatalf("a removed key still shows after 2 s")
 	}
-	if r := admin.must(exitUsage, "", "master", "rotate"); !strings.Contains(r.stderr, "without --store kubernetes") {
-		t.Errorf("master rotate in cluster mode: %s", r.stderr)
+	if r := admin.must(exitNotFound, "", "master", "rotate"); !strings.Contains(r.stderr, "no keyfs state") {
+		t.Errorf("master rotate off a node: %s", r.stderr)
 	}
 
 	mount.Process.Signal(syscall.SIGTERM)

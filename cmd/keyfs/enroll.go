@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -40,7 +41,60 @@ type enroller struct {
 	waitErr  error         // why the node cannot serve yet
 	ready    chan struct{} // closed once enrolled
 	tried    string        // the enrollment last refused, not tried again
+	kids     []string      // the cluster's masters, current first
+	fetched  time.Time     // when kids were read
+	// onRetire runs when a master leaves the cluster's ring: records
+	// sealed to it must be refused from then on, also those read before.
+	onRetire func()
 }
+
+// clusterKIDs is the cluster's ring as last read, current first.
+func (e *enroller) clusterKIDs() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.kids
+}
+
+// knows reports whether kid is a master of the cluster, reading the
+// KeyfsCluster again (at most once a second) when it is not known: a
+// record sealed just after a rotation.
+func (e *enroller) knows(kid string) bool {
+	if slices.Contains(e.clusterKIDs(), kid) {
+		return true
+	}
+	e.mu.Lock()
+	recent := time.Since(e.fetched) < time.Second
+	e.mu.Unlock()
+	if !recent {
+		e.refresh()
+	}
+	return slices.Contains(e.clusterKIDs(), kid)
+}
+
+// refresh reads the KeyfsCluster: a rotation changes its current master.
+func (e *enroller) refresh() {
+	o, pub, err := e.c.Cluster()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.fetched = time.Now()
+	if err != nil {
+		e.log.Warn("cannot read KeyfsCluster; keeping the master named before", "err", err)
+		return
+	}
+	if pub.KID != e.cluster.KID {
+		e.log.Info("the cluster master rotated", "from", e.cluster.KID, "to", pub.KID)
+	}
+	kids := o.KIDs()
+	retired := slices.ContainsFunc(e.kids, func(k string) bool { return !slices.Contains(kids, k) })
+	e.cluster, e.kids = pub, kids
+	if retired && e.onRetire != nil {
+		e.log.Info("a master left the cluster's ring: records sealed to it are refused from now on", "kids", kids)
+		go e.onRetire() // the index calls knows, which takes e.mu
+	}
+}
+
+// holds reports whether the daemon's key opens records of master kid.
+func (e *enroller) holds(kid string) bool { return slices.Contains(e.key.KIDs(), kid) }
 
 // ready reports whether the node holds the cluster master, and if not
 // why, naming the command that approves it.
@@ -54,7 +108,13 @@ func (e *enroller) check() error {
 }
 
 func (e *enroller) event(name, reason string) {
-	e.audit.Log(audit.Event{Time: time.Now().UTC(), Event: name, KID: e.cluster.KID, Node: e.node, Reason: reason})
+	e.audit.Log(audit.Event{Time: time.Now().UTC(), Event: name, KID: e.current().KID, Node: e.node, Reason: reason})
+}
+
+func (e *enroller) current() *keystore.PublicKey {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.cluster
 }
 
 // run plays the roles until ctx ends: the receiver's until enrolled, then
@@ -63,10 +123,12 @@ func (e *enroller) run(ctx context.Context) {
 	t := time.NewTicker(enrollPoll)
 	defer t.Stop()
 	for {
-		if e.check() == nil {
-			e.issue()
-		} else {
+		e.refresh()
+		if !e.holds(e.current().KID) {
 			e.receive()
+		}
+		if e.holds(e.current().KID) {
+			e.issue()
 		}
 		select {
 		case <-ctx.Done():
@@ -76,8 +138,10 @@ func (e *enroller) run(ctx context.Context) {
 	}
 }
 
-// register writes this node's EK to its KeyfsNode and marks it waiting.
-func (e *enroller) register() error {
+// register writes this node's EK to its KeyfsNode: waiting for approval,
+// or, on a node holding the cluster master, enrolled (approve it too, so
+// that it receives the masters later rotations make).
+func (e *enroller) register(holds bool) error {
 	t, err := e.g.openTPM()
 	if err != nil {
 		return err
@@ -90,6 +154,19 @@ func (e *enroller) register() error {
 	o, err := e.c.RegisterNode(e.node, ek.Public, ek.Hash(), ek.Cert)
 	if err != nil {
 		return err
+	}
+	if holds {
+		if o.Status.State != kubestore.StateEnrolled || o.Status.KID != e.cluster.KID {
+			msg := "holds the cluster master " + e.cluster.KID
+			if o.Spec.ApprovedEKHash != o.Spec.EKHash {
+				msg += "; approve its EK (keyfs node approve " + e.node + ") so that it receives rotated masters"
+			}
+			o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateEnrolled, KID: e.cluster.KID, Message: msg}
+			if _, err := e.c.SetNodeStatus(o); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	e.waitErr = fmt.Errorf("node %s does not hold the cluster master key %s yet: approve its TPM with `keyfs node approve %s` (EK hash %s; compare with keyfs node ek on the node)",
 		e.node, e.cluster.KID, e.node, ek.Hash())
@@ -104,16 +181,28 @@ func (e *enroller) register() error {
 	return nil
 }
 
-// receive imports an enrollment issued to this node, if there is one.
+// receive gets the current cluster master: from this node's state when a
+// rotation ran here, else from an enrollment issued to this node.
 func (e *enroller) receive() {
+	cur := e.current()
+	if p, err := e.g.publicKey(); err == nil && p.KID == cur.KID {
+		m, err := e.g.fetchMaster(cur.KID)
+		if err != nil {
+			e.log.Error("cannot unseal the cluster master from this node's state", "kid", cur.KID, "err", err)
+			return
+		}
+		e.key.Add(m)
+		e.enroll(nil, "rotated on this node")
+		return
+	}
 	o, err := e.c.GetNode(e.node)
 	if err != nil {
 		e.log.Warn("cannot read this node's KeyfsNode", "err", err)
 		return
 	}
 	w := o.Status.Enrollment
-	if w == nil || o.ResourceVersion == e.tried {
-		return
+	if w == nil || o.ResourceVersion == e.tried || (w.KID != cur.KID && e.check() == nil) {
+		return // nothing new; or an enrollment of an older master, for a node serving already
 	}
 	if err := e.importSeed(w); err != nil {
 		e.tried = o.ResourceVersion
@@ -125,26 +214,44 @@ func (e *enroller) receive() {
 		}
 		return
 	}
-	// Drop the EK-wrapped copy: the seed is sealed under this TPM's SRK now.
-	o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateEnrolled, KID: e.cluster.KID,
-		Message: fmt.Sprintf("holds the cluster master %s, issued by %s", e.cluster.KID, w.IssuedBy)}
-	if _, err := e.c.SetNodeStatus(o); err != nil {
-		e.log.Warn("enrolled, but cannot say so in the KeyfsNode", "err", err)
+	e.enroll(o, "issued by "+w.IssuedBy)
+}
+
+// enroll marks this node as holding the current cluster master: in its
+// KeyfsNode (o, or read again), dropping the EK-wrapped copy, and for the
+// daemon, which serves from now on.
+func (e *enroller) enroll(o *kubestore.KeyfsNode, how string) {
+	cur := e.current()
+	if o == nil {
+		var err error
+		if o, err = e.c.GetNode(e.node); err != nil {
+			e.log.Warn("holds the cluster master, but cannot read its KeyfsNode", "err", err)
+		}
 	}
-	e.log.Info("enrolled: this node holds the cluster master", "node", e.node, "kid", e.cluster.KID, "issued_by", w.IssuedBy)
-	e.event("enroll", "issued by "+w.IssuedBy)
+	if o != nil {
+		o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateEnrolled, KID: cur.KID,
+			Message: fmt.Sprintf("holds the cluster master %s, %s", cur.KID, how)}
+		if _, err := e.c.SetNodeStatus(o); err != nil {
+			e.log.Warn("holds the cluster master, but cannot say so in its KeyfsNode", "err", err)
+		}
+	}
+	e.log.Info("this node holds the cluster master", "node", e.node, "kid", cur.KID, "how", how)
+	e.event("enroll", how)
 	e.mu.Lock()
-	e.enrolled = true
-	close(e.ready)
-	e.mu.Unlock()
+	defer e.mu.Unlock()
+	if !e.enrolled {
+		e.enrolled = true
+		close(e.ready)
+	}
 }
 
 // importSeed imports w under this TPM's EK, checks that it is the cluster
 // master, seals it under this TPM's SRK with the PCRs of the node's own
 // master (which stays in the ring), and adds it to the daemon's key.
 func (e *enroller) importSeed(w *kubestore.Enrollment) error {
-	if w.KID != e.cluster.KID {
-		return fmt.Errorf("%w: issued for master %s, the cluster's is %s", keystore.ErrIntegrity, w.KID, e.cluster.KID)
+	cur := e.current()
+	if w.KID != cur.KID {
+		return fmt.Errorf("%w: issued for master %s, the cluster's is %s", keystore.ErrIntegrity, w.KID, cur.KID)
 	}
 	t, err := e.g.openTPM()
 	if err != nil {
@@ -160,12 +267,18 @@ func (e *enroller) importSeed(w *kubestore.Enrollment) error {
 	if err != nil {
 		return err
 	}
-	if m.KID() != e.cluster.KID {
+	if m.KID() != cur.KID {
 		m.Close()
-		return fmt.Errorf("%w: the imported seed is master %s, the cluster's is %s", keystore.ErrIntegrity, m.KID(), e.cluster.KID)
+		return fmt.Errorf("%w: the imported seed is master %s, the cluster's is %s", keystore.ErrIntegrity, m.KID(), cur.KID)
 	}
-	own := e.key.KID()
-	_, blob, err := e.g.unsealSeed(t, "master.sealed", own)
+	ownPub, err := e.g.publicKey()
+	if err != nil {
+		m.Close()
+		return err
+	}
+	own := ownPub.KID
+	seedNow, blob, err := e.g.unsealSeed(t, "master.sealed", own)
+	clear(seedNow)
 	if err != nil {
 		m.Close()
 		return err
@@ -193,9 +306,11 @@ func (e *enroller) issue() {
 		e.log.Warn("cannot list KeyfsNodes", "err", err)
 		return
 	}
+	cur := e.current()
 	for i := range nodes {
 		o := &nodes[i]
-		if o.Name == e.node || o.Status.State == kubestore.StateEnrolled || (o.Status.Enrollment != nil && o.Status.Enrollment.KID == e.cluster.KID) {
+		if o.Name == e.node || (o.Status.State == kubestore.StateEnrolled && o.Status.KID == cur.KID) ||
+			(o.Status.Enrollment != nil && o.Status.Enrollment.KID == cur.KID) {
 			continue
 		}
 		approved := o.Spec.ApprovedEKHash != "" && o.Spec.ApprovedEKHash == o.Spec.EKHash
@@ -206,7 +321,7 @@ func (e *enroller) issue() {
 			e.log.Warn("KeyfsNode's EK does not match its EK hash; not issuing", "node", o.Name, "err", err)
 			continue
 		}
-		w, err := e.wrap(o.Spec.EKPublic)
+		w, err := e.wrap(cur, o.Spec.EKPublic)
 		if err != nil {
 			e.log.Error("cannot wrap the cluster master to a node's EK", "node", o.Name, "err", err)
 			continue
@@ -215,8 +330,9 @@ func (e *enroller) issue() {
 		if !approved {
 			how = "EK hash on the --auto-approve-ek list"
 		}
-		o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateIssued, Message: fmt.Sprintf("cluster master %s wrapped to EK %s by %s (%s)", e.cluster.KID, o.Spec.EKHash, e.node, how),
-			Enrollment: &kubestore.Enrollment{EKName: w.EKName, Public: w.Public, Duplicate: w.Duplicate, Seed: w.Seed, KID: e.cluster.KID, IssuedBy: e.node}}
+		o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateIssued, KID: o.Status.KID,
+			Message:    fmt.Sprintf("cluster master %s wrapped to EK %s by %s (%s)", cur.KID, o.Spec.EKHash, e.node, how),
+			Enrollment: &kubestore.Enrollment{EKName: w.EKName, Public: w.Public, Duplicate: w.Duplicate, Seed: w.Seed, KID: cur.KID, IssuedBy: e.node}}
 		if _, err := e.c.SetNodeStatus(o); err != nil {
 			if !errors.Is(err, keystore.ErrConflict) {
 				e.log.Warn("cannot write an enrollment", "node", o.Name, "err", err)
@@ -228,25 +344,17 @@ func (e *enroller) issue() {
 	}
 }
 
-// wrap unseals the cluster seed from this node's TPM and wraps it to ek.
-func (e *enroller) wrap(ek []byte) (*tpm.Wrapped, error) {
+// wrap unseals master cur from this node's TPM and wraps it to ek.
+func (e *enroller) wrap(cur *keystore.PublicKey, ek []byte) (*tpm.Wrapped, error) {
 	t, err := e.g.openTPM()
 	if err != nil {
 		return nil, err
 	}
 	defer t.Close()
-	seed, _, err := e.g.unsealSeed(t, e.clusterFile(), e.cluster.KID)
+	seed, _, err := e.g.unsealSeed(t, e.g.masterFile(cur.KID), cur.KID)
 	if err != nil {
 		return nil, err
 	}
 	defer clear(seed)
 	return tpm.WrapToEK(ek, seed)
-}
-
-// clusterFile is the TPM blob of the cluster master in this node's state.
-func (e *enroller) clusterFile() string {
-	if p, err := e.g.publicKey(); err == nil && p.KID == e.cluster.KID {
-		return "master.sealed"
-	}
-	return ringFile(e.cluster.KID, "sealed")
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -24,8 +25,11 @@ type node struct {
 	*cli
 	name, mnt string
 	mount     *os.Process
+	cmd       *exec.Cmd
 	log       *syncbuf.Buffer
 }
+
+func (n *node) cmdOf() *exec.Cmd { return n.cmd }
 
 func startNode(t *testing.T, work, name string, env []string) *node {
 	t.Helper()
@@ -36,12 +40,29 @@ func startNode(t *testing.T, work, name string, env []string) *node {
 			syscall.Unmount(n.mnt, syscall.MNT_DETACH)
 		}
 	})
-	cmd := n.keyfsCmd("mount", n.mnt)
-	cmd.Env = append(cmd.Env, "NODE_NAME="+name)
-	n.log = startChild(t, cmd)
-	n.mount = cmd.Process
-	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); waitOrDump(t, cmd, 30*time.Second, n.log) })
+	n.run(t)
 	return n
+}
+
+// run starts the node's daemon: keyfs mount, stopped when the test ends.
+func (n *node) run(t *testing.T) {
+	cmd := n.keyfsCmd("mount", n.mnt)
+	cmd.Env = append(cmd.Env, "NODE_NAME="+n.name)
+	n.log = startChild(t, cmd)
+	n.mount, n.cmd = cmd.Process, cmd
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Signal(syscall.SIGTERM)
+			waitOrDump(t, cmd, 30*time.Second, n.log)
+		}
+	})
+}
+
+// restartNode starts a stopped node's daemon again, on its state and TPM.
+func restartNode(t *testing.T, n *node, env []string) *node {
+	n2 := &node{cli: n.cli, name: n.name, mnt: n.mnt}
+	n2.run(t)
+	return n2
 }
 
 func (n *node) reads(path, want string, d time.Duration) bool {

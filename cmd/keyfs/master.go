@@ -76,8 +76,11 @@ func (g *globals) lifecycleEvent(ev audit.Event) audit.Event {
 // auditLifecycle records lifecycle events on the state's audit trail. A
 // command that unsealed the master (m) anchors them with a checkpoint.
 func (g *globals) auditLifecycle(m *keystore.MasterKey, evs ...audit.Event) {
-	if len(evs) == 0 || g.cluster() {
-		return // the API server's audit log records who wrote SealedKeys
+	if len(evs) == 0 {
+		return
+	}
+	if _, err := os.Stat(g.path("master.pub")); err != nil && g.cluster() {
+		return // no state here (an admin's machine): the API server's audit log records who wrote SealedKeys
 	}
 	al, err := g.openAudit("")
 	if err != nil {
@@ -126,15 +129,6 @@ re-encrypts every record to the newest master, and retire drops an old
 master once no record needs it. Readers see the same values throughout.`,
 	}
 	c.AddCommand(masterLsCmd(g), masterRotateCmd(g), masterResealCmd(g), masterRetireCmd(g))
-	for _, sub := range c.Commands() {
-		run := sub.RunE
-		sub.RunE = func(c *cobra.Command, a []string) error {
-			if err := g.localOnly("keyfs master " + c.Name() + " (a cluster master's rotation is not built yet)"); err != nil {
-				return err
-			}
-			return run(c, a)
-		}
-	}
 	return c
 }
 
@@ -168,6 +162,9 @@ func masterLsCmd(g *globals) *cobra.Command {
 		Short: "List the masters: kid, current or older, since, records sealed to it",
 		Args:  args(cobra.NoArgs),
 		RunE: func(*cobra.Command, []string) error {
+			if err := g.localOnly("keyfs master ls (kubectl get keyfsclusters shows the cluster's)"); err != nil {
+				return err
+			}
 			pub, err := g.publicKey()
 			if err != nil {
 				return err
@@ -222,6 +219,11 @@ files is one step: a crash leaves the old ring or the new one.`,
 			if err != nil {
 				return err
 			}
+			if g.cluster() {
+				if err := g.checkHoldsCluster(old); err != nil {
+					return err
+				}
+			}
 			_, statErr := os.Stat(g.path("master.recovery"))
 			escrowed := statErr == nil
 			switch {
@@ -262,6 +264,11 @@ files is one step: a crash leaves the old ring or the new one.`,
 				return err
 			}
 			g.auditLifecycle(m, audit.Event{Event: "rotate", KID: m.KID(), Reason: fmt.Sprintf("kid %s -> %s", old.KID, m.KID())})
+			if g.cluster() {
+				if err := g.publishRotation(old, m); err != nil {
+					return err
+				}
+			}
 			fmt.Fprintf(os.Stderr, "keyfs: new master key %s; %s stays in the ring and opens its records. Next: keyfs master reseal, then keyfs master retire %s\n",
 				m.KID(), old.KID, old.KID)
 			fmt.Fprintln(g.stdout, m.KID())
@@ -289,6 +296,9 @@ kept in Git.`,
 		RunE: func(*cobra.Command, []string) error {
 			if (from == "") != (out == "") {
 				return usagef("--from and -o go together")
+			}
+			if g.cluster() && from == "" {
+				return g.resealCluster()
 			}
 			pub, err := g.publicKey()
 			if err != nil {
@@ -405,6 +415,9 @@ func masterRetireCmd(g *globals) *cobra.Command {
 			}
 			if kid == pub.KID {
 				return usagef("%s is the current master: rotate first, then reseal, then retire it", kid)
+			}
+			if g.cluster() {
+				return g.retireCluster(kid)
 			}
 			if _, err := os.Stat(g.path(ringFile(kid, "sealed"))); err != nil {
 				return fmt.Errorf("%w: %s is not an older master of this state (keyfs master ls lists them)", keystore.ErrNotFound, kid)

@@ -197,10 +197,11 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	var kc *kubestore.KeyfsCluster
 	var cluster *keystore.PublicKey
 	var holds bool
 	if g.cluster() {
-		if cluster, holds, err = g.joinCluster(key); err != nil {
+		if kc, cluster, holds, err = g.joinCluster(key); err != nil {
 			key.Close()
 			return nil, err
 		}
@@ -229,15 +230,12 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	}
 	dm := &daemon{key: key, audit: al}
 	if g.cluster() {
-		dm.store, err = kubestore.Watch(g.kubeClient, g.log, func(r *keystore.Record) error {
-			if r.KID != cluster.KID {
-				return &keystore.KIDMismatchError{Record: r.KID, Have: cluster.KID}
-			}
-			return nil
-		})
-		if err == nil {
-			if err = g.startEnrollment(dm, cluster, holds); err != nil {
-				dm.store.Close()
+		var e *enroller
+		if e, err = g.newEnroller(dm, kc, cluster, holds); err == nil {
+			var x *kubestore.Index
+			if x, err = kubestore.Watch(g.kubeClient, g.log, e.checkKID); err == nil {
+				dm.store, e.onRetire = x, x.Recheck
+				e.start(dm)
 			}
 		}
 	} else {

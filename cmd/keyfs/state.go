@@ -111,6 +111,15 @@ func (g *globals) unseal() (*keystore.MasterKey, error) {
 	return m, nil
 }
 
+// masterFile is the TPM blob of master kid in the state: the current one
+// or one of the ring.
+func (g *globals) masterFile(kid string) string {
+	if p, err := g.publicKey(); err == nil && p.KID == kid {
+		return "master.sealed"
+	}
+	return ringFile(kid, "sealed")
+}
+
 // fetchMaster unseals master kid from the state as it is now: the current
 // master after a rotation, or an older one of the ring.
 func (g *globals) fetchMaster(kid string) (*keystore.MasterKey, error) {

@@ -163,7 +163,9 @@ func run() error {
 	lat := map[string][]time.Duration{}
 	for i := range *puts {
 		v := fmt.Sprintf("sk-bench-%d-%d", i, time.Now().UnixNano())
-		if _, err := c.Put("acme", "openai", func(ver uint64) (*keystore.Record, error) { return keystore.Seal(pub, "acme", "openai", ver, []byte(v)) }); err != nil {
+		if _, err := c.Put("acme", "openai", func(ver uint64) (*keystore.Record, error) {
+			return keystore.Seal(pub, "acme", "openai", ver, []byte(v))
+		}); err != nil {
 			return err
 		}
 		t := time.Now()
