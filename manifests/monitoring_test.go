@@ -21,6 +21,7 @@ var exported = []string{
 	"keyfs_csi_publishes_total", "keyfs_csi_unpublishes_total", "keyfs_csi_errors_total", "keyfs_csi_denials_total",
 	"keyfs_reads_total", "keyfs_decrypt_errors_total", "keyfs_read_duration_seconds", "keyfs_csi_mounted_volumes",
 	"keyfs_policy_reloads_total", "keyfs_insecure_unlocked_memory", "keyfs_audit_write_failures_total",
+	"keyfs_sealedkeys_refused_total", "keyfs_node_enrolled", // cluster mode
 }
 
 var metricRE = regexp.MustCompile(`\bkeyfs_[a-z_]+`)
