@@ -3,10 +3,14 @@ package tpm
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
+	"crypto/x509"
+	"encoding/asn1"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
@@ -255,4 +259,44 @@ func PublicHash(public []byte) (string, error) {
 		return "", err
 	}
 	return NameHash(name.Buffer), nil
+}
+
+// oidSAN is subjectAltName. TPM EK certificates carry it critical, holding
+// only a directoryName (TCG EK Credential Profile), which Go's x509 does
+// not handle.
+var oidSAN = asn1.ObjectIdentifier{2, 5, 29, 17}
+
+// VerifyEKCert checks that cert (DER) certifies the EK whose TPM2B_PUBLIC
+// is ekPublic and chains to one of roots: how a manufacturer's CA can
+// approve nodes without an admin.
+func VerifyEKCert(ekPublic, cert []byte, roots *x509.CertPool) error {
+	if len(cert) == 0 {
+		return errors.New("the TPM has no EK certificate")
+	}
+	c, err := x509.ParseCertificate(cert)
+	if err != nil {
+		return fmt.Errorf("EK certificate: %w", err)
+	}
+	c.UnhandledCriticalExtensions = slices.DeleteFunc(c.UnhandledCriticalExtensions, func(o asn1.ObjectIdentifier) bool { return o.Equal(oidSAN) })
+	if _, err := c.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return fmt.Errorf("EK certificate: %w", err)
+	}
+	p2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](ekPublic)
+	if err != nil {
+		return fmt.Errorf("bad EK public area: %w", err)
+	}
+	p, err := p2b.Contents()
+	if err != nil {
+		return fmt.Errorf("bad EK public area: %w", err)
+	}
+	ek, err := tpm2.Pub(*p)
+	if err != nil {
+		return fmt.Errorf("EK public area: %w", err)
+	}
+	certKey, ok := c.PublicKey.(*rsa.PublicKey)
+	ekKey, ok2 := ek.(*rsa.PublicKey)
+	if !ok || !ok2 || !certKey.Equal(ekKey) {
+		return errors.New("the EK certificate certifies another key than this EK")
+	}
+	return nil
 }

@@ -2,6 +2,7 @@ package tpm
 
 import (
 	"bytes"
+	"crypto/x509"
 	"errors"
 	"strings"
 	"testing"
@@ -87,5 +88,39 @@ func TestEnrollAcrossTPMs(t *testing.T) {
 	}
 	if _, err := WrapToEK(ekB.Public, make([]byte, maxSecret+1)); err == nil {
 		t.Error("an oversized secret was accepted")
+	}
+}
+
+// TestEKCertificate: a TPM manufactured with an EK certificate presents
+// it; it verifies against its CA for its own EK only.
+func TestEKCertificate(t *testing.T) {
+	spec, caPEM := tpmtest.StartSWTPMWithEKCert(t)
+	tp := mustOpen(t, spec)
+	ek, err := tp.EK()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ek.Cert) == 0 {
+		t.Fatal("no EK certificate read from NV")
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		t.Fatal("the CA's PEM holds no certificate")
+	}
+	if err := VerifyEKCert(ek.Public, ek.Cert, roots); err != nil {
+		t.Fatalf("the TPM's own EK certificate: %v", err)
+	}
+	other, err := mustOpen(t, tpmtest.StartSWTPM(t)).EK()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := VerifyEKCert(other.Public, ek.Cert, roots); err == nil || !strings.Contains(err.Error(), "another key") {
+		t.Errorf("a certificate presented for another EK: %v", err)
+	}
+	if err := VerifyEKCert(ek.Public, ek.Cert, x509.NewCertPool()); err == nil {
+		t.Error("verified against no CA")
+	}
+	if err := VerifyEKCert(other.Public, other.Cert, roots); err == nil || !strings.Contains(err.Error(), "no EK certificate") {
+		t.Errorf("a TPM without a certificate: %v", err)
 	}
 }

@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
+	"fmt"
+	"os"
 	"slices"
 	"time"
 
@@ -129,7 +132,17 @@ func (g *globals) newEnroller(dm *daemon, o *kubestore.KeyfsCluster, cluster *ke
 		allow[h] = true
 	}
 	e := &enroller{g: g, c: g.kubeClient, node: g.nodeName(), cluster: cluster, kids: o.KIDs(), fetched: time.Now(),
-		key: dm.key, audit: dm.audit, log: g.log, allow: allow, ready: make(chan struct{})}
+		key: dm.key, audit: dm.audit, log: g.log, allow: allow, ready: make(chan struct{}), warned: map[string]string{}}
+	if g.autoApproveCA != "" {
+		b, err := os.ReadFile(g.autoApproveCA)
+		if err != nil {
+			return nil, fmt.Errorf("--auto-approve-ek-ca: %w", err)
+		}
+		e.roots = x509.NewCertPool()
+		if !e.roots.AppendCertsFromPEM(b) {
+			return nil, usagef("--auto-approve-ek-ca %s holds no PEM certificate", g.autoApproveCA)
+		}
+	}
 	if holds {
 		e.enrolled = true
 		close(e.ready)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -34,7 +35,9 @@ type enroller struct {
 	key     *keystore.MasterKey // the daemon's: gains the cluster master on enrollment
 	audit   *audit.Logger
 	log     *slog.Logger
-	allow   map[string]bool // EK hashes approved by configuration
+	allow   map[string]bool   // EK hashes approved by configuration
+	roots   *x509.CertPool    // EK certificates chaining here are approved, when not nil
+	warned  map[string]string // KeyfsNode → resource version whose certificate was refused
 
 	mu       sync.Mutex
 	enrolled bool
@@ -313,22 +316,32 @@ func (e *enroller) issue() {
 			(o.Status.Enrollment != nil && o.Status.Enrollment.KID == cur.KID) {
 			continue
 		}
-		approved := o.Spec.ApprovedEKHash != "" && o.Spec.ApprovedEKHash == o.Spec.EKHash
-		if !approved && !e.allow[o.Spec.EKHash] {
-			continue
-		}
 		if h, err := tpm.PublicHash(o.Spec.EKPublic); err != nil || h != o.Spec.EKHash {
 			e.log.Warn("KeyfsNode's EK does not match its EK hash; not issuing", "node", o.Name, "err", err)
+			continue
+		}
+		how := ""
+		switch {
+		case o.Spec.ApprovedEKHash != "" && o.Spec.ApprovedEKHash == o.Spec.EKHash:
+			how = "approved by an admin"
+		case e.allow[o.Spec.EKHash]:
+			how = "EK hash on the --auto-approve-ek list"
+		case e.roots != nil && len(o.Spec.EKCertificate) > 0:
+			if err := tpm.VerifyEKCert(o.Spec.EKPublic, o.Spec.EKCertificate, e.roots); err != nil {
+				if e.warned[o.Name] != o.ResourceVersion {
+					e.log.Warn("KeyfsNode's EK certificate is not approved by --auto-approve-ek-ca; an admin can approve it", "node", o.Name, "err", err)
+					e.warned[o.Name] = o.ResourceVersion
+				}
+				continue
+			}
+			how = "EK certificate chains to --auto-approve-ek-ca"
+		default:
 			continue
 		}
 		w, err := e.wrap(cur, o.Spec.EKPublic)
 		if err != nil {
 			e.log.Error("cannot wrap the cluster master to a node's EK", "node", o.Name, "err", err)
 			continue
-		}
-		how := "approved by an admin"
-		if !approved {
-			how = "EK hash on the --auto-approve-ek list"
 		}
 		o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateIssued, KID: o.Status.KID,
 			Message:    fmt.Sprintf("cluster master %s wrapped to EK %s by %s (%s)", cur.KID, o.Spec.EKHash, e.node, how),

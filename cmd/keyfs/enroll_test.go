@@ -27,13 +27,20 @@ type node struct {
 	mount     *os.Process
 	cmd       *exec.Cmd
 	log       *syncbuf.Buffer
+	args      []string // the daemon's flags
 }
 
 func (n *node) cmdOf() *exec.Cmd { return n.cmd }
 
-func startNode(t *testing.T, work, name string, env []string) *node {
+func startNode(t *testing.T, work, name string, env []string, args ...string) *node {
 	t.Helper()
-	n := &node{cli: &cli{t: t, state: filepath.Join(work, name), tpm: tpmtest.StartSWTPM(t), env: env}, name: name, mnt: filepath.Join(work, name+"-keys")}
+	return startNodeOn(t, work, name, tpmtest.StartSWTPM(t), env, args...)
+}
+
+// startNodeOn starts a node on the given TPM, its daemon with args.
+func startNodeOn(t *testing.T, work, name, tpmSpec string, env []string, args ...string) *node {
+	t.Helper()
+	n := &node{cli: &cli{t: t, state: filepath.Join(work, name), tpm: tpmSpec, env: env}, name: name, mnt: filepath.Join(work, name+"-keys"), args: args}
 	n.must(0, "", "init")
 	t.Cleanup(func() {
 		if fusetest.MustMounted(t, n.mnt) {
@@ -46,7 +53,7 @@ func startNode(t *testing.T, work, name string, env []string) *node {
 
 // run starts the node's daemon: keyfs mount, stopped when the test ends.
 func (n *node) run(t *testing.T) {
-	cmd := n.keyfsCmd("mount", n.mnt)
+	cmd := n.keyfsCmd(append([]string{"mount", n.mnt}, n.args...)...)
 	cmd.Env = append(cmd.Env, "NODE_NAME="+n.name)
 	n.log = startChild(t, cmd)
 	n.mount, n.cmd = cmd.Process, cmd
@@ -60,7 +67,7 @@ func (n *node) run(t *testing.T) {
 
 // restartNode starts a stopped node's daemon again, on its state and TPM.
 func restartNode(t *testing.T, n *node, env []string) *node {
-	n2 := &node{cli: n.cli, name: n.name, mnt: n.mnt}
+	n2 := &node{cli: n.cli, name: n.name, mnt: n.mnt, args: n.args}
 	n2.run(t)
 	return n2
 }
@@ -181,4 +188,47 @@ func TestClusterEnrollment(t *testing.T) {
 		}
 	}
 	noValueIn(t, k.EtcdDir(), "sk-enroll-1", "sk-enroll-2")
+}
+
+// TestClusterAutoApprove: with --auto-approve-ek-ca, a node whose TPM has
+// an EK certificate from that CA enrolls without an admin; one without a
+// certificate still waits for keyfs node approve.
+func TestClusterAutoApprove(t *testing.T) {
+	fusetest.Require(t)
+	k := clusterAPI(t)
+	ns := k.Namespace(t)
+	work := t.TempDir()
+	env := []string{"KEYFS_STORE=kubernetes", "KUBECONFIG=" + k.Kubeconfig, "KEYFS_NAMESPACE=" + ns}
+	admin := &cli{t: t, state: filepath.Join(work, "admin"), tpm: "/nonexistent/tpm", env: env}
+	specB, caPEM := tpmtest.StartSWTPMWithEKCert(t)
+	ca := filepath.Join(work, "ek-ca.pem")
+	writeFile(t, ca, string(caPEM))
+
+	a := startNode(t, work, "node-a", env, "--auto-approve-ek-ca", ca)
+	if !logged(a.log, "bootstrapped the cluster master") {
+		t.Fatalf("node-a did not bootstrap:\n%s", a.log.String())
+	}
+	admin.must(0, "sk-auto-1", "put", "acme/openai")
+	start := time.Now()
+	b := startNodeOn(t, work, "node-b", specB, env)
+	if !b.reads("acme/openai", "sk-auto-1", 15*time.Second) {
+		t.Fatalf("node-b with a CA-issued EK certificate was not enrolled:\nnode-b:\n%s\nnode-a:\n%s", b.log.String(), a.log.String())
+	}
+	t.Logf("node-b enrolled by its EK certificate %s after its daemon started", time.Since(start).Round(10*time.Millisecond))
+	if !logged(a.log, "EK certificate chains to --auto-approve-ek-ca") {
+		t.Errorf("node-a does not say why it enrolled node-b:\n%s", a.log.String())
+	}
+	c := startNode(t, work, "node-c", env)
+	logged(c.log, "waiting for enrollment")
+	time.Sleep(3 * time.Second)
+	if ok, _ := fusetest.Mounted(c.mnt); ok {
+		t.Fatal("node-c, without an EK certificate, was enrolled without approval")
+	}
+	if ls := admin.must(0, "", "node", "ls").stdout; !strings.Contains(ls, "node-c") || !strings.Contains(ls, "WaitingForApproval") {
+		t.Errorf("node ls:\n%s", ls)
+	}
+	missing := filepath.Join(work, "no-such-ca.pem")
+	if r := b.must(exitNotFound, "", "mount", "--auto-approve-ek-ca", missing, filepath.Join(work, "keys-b2")); !strings.Contains(r.stderr, "--auto-approve-ek-ca: open "+missing) {
+		t.Errorf("a missing CA file: %s", r.stderr)
+	}
 }

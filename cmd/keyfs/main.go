@@ -83,7 +83,8 @@ type globals struct {
 
 	storeKind, kubeconfig, namespace string
 	node                             string   // this node's name in the cluster (serve --node-id)
-	autoApprove                      []string // EK hashes enrolled without an admin (serve --auto-approve-ek)
+	autoApprove                      []string // EK hashes enrolled without an admin (--auto-approve-ek)
+	autoApproveCA                    string   // a CA bundle whose EK certificates enroll without an admin
 	kubeClient                       *kubestore.Client
 }
 

@@ -129,7 +129,14 @@ within a second. Every open is written to the audit log.`,
 	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
 	c.Flags().BoolVar(&allowUnprotected, insecureMemoryFlag, false, "run even when memory cannot be locked or dumps disabled (secrets may reach swap)")
 	c.Flags().BoolVar(&auditRequired, "audit-required", false, "fail an open (EIO) whose audit event cannot be written")
+	addEnrollFlags(c, g)
 	return c
+}
+
+// addEnrollFlags adds the daemons' explicit rules of automatic approval.
+func addEnrollFlags(c *cobra.Command, g *globals) {
+	c.Flags().StringSliceVar(&g.autoApprove, "auto-approve-ek", nil, "cluster mode: enroll nodes whose TPM has one of these EK hashes (keyfs node ek) without an admin's approval")
+	c.Flags().StringVar(&g.autoApproveCA, "auto-approve-ek-ca", "", "cluster mode: enroll nodes whose EK certificate chains to a CA in this PEM file, without an admin's approval")
 }
 
 const insecureMemoryFlag = "insecure-allow-unlocked-memory"

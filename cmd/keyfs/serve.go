@@ -163,7 +163,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "127.0.0.1:9810", "address for /healthz and /metrics")
 	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
 	c.Flags().BoolVar(&allowUnprotected, insecureMemoryFlag, false, "run even when memory cannot be locked or dumps disabled (secrets may reach swap; shown in /metrics)")
-	c.Flags().StringSliceVar(&g.autoApprove, "auto-approve-ek", nil, "cluster mode: enroll nodes whose TPM has one of these EK hashes (keyfs node ek) without an admin's approval")
+	addEnrollFlags(c, g)
 	c.Flags().BoolVar(&auditRequired, "audit-required", false, "fail an open (EIO) whose audit event cannot be written")
 	c.Flags().BoolVar(&auditStdout, "audit-stdout", os.Getenv("KUBERNETES_SERVICE_HOST") != "", "also write every audit event to stdout as a JSON line (default: on in a Kubernetes pod)")
 	return c

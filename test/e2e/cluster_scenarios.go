@@ -219,12 +219,18 @@ func (h *harness) clusterToken(ctx context.Context) (string, error) {
 	if err := forbidden("update KeyfsNode node-other", err); err != nil {
 		return "", err
 	}
-	own, err := dyn.Resource(keyfsNodes).Create(ctx, node(nodeName, ""), metav1.CreateOptions{})
+	// The daemon registered its own node's KeyfsNode itself.
+	own, err := dyn.Resource(keyfsNodes).Get(ctx, nodeName, metav1.GetOptions{})
 	if err != nil {
-		return "", fmt.Errorf("the pod's token cannot create its own node's KeyfsNode %s: %w", nodeName, err)
+		return "", fmt.Errorf("the daemon did not register KeyfsNode %s: %w", nodeName, err)
 	}
-	defer nodes.Delete(context.Background(), nodeName, metav1.DeleteOptions{})
-	own.Object["spec"].(map[string]any)["approvedEKHash"] = strings.Repeat("e", 64)
+	state, _, _ := unstructured.NestedString(own.Object, "status", "state")
+	hash, _, _ := unstructured.NestedString(own.Object, "spec", "ekHash")
+	if state != "Enrolled" || len(hash) != 64 {
+		return "", fmt.Errorf("KeyfsNode %s: state %q, EK hash %q; want Enrolled and the swtpm's EK", nodeName, state, hash)
+	}
+	out = append(out, fmt.Sprintf("KeyfsNode %s registered by the daemon: Enrolled, EK %s…", nodeName, hash[:16]))
+	own.Object["spec"].(map[string]any)["approvedEKHash"] = hash
 	_, err = dyn.Resource(keyfsNodes).Update(ctx, own, metav1.UpdateOptions{})
 	if err := forbidden("approve its own node", err); err != nil {
 		return "", err

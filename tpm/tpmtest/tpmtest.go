@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -46,6 +47,60 @@ func StartSWTPM(t testing.TB) string {
 	}
 	t.Fatalf("swtpm did not start: %s", lastErr)
 	return ""
+}
+
+// StartSWTPMWithEKCert is StartSWTPM with a TPM manufactured by
+// swtpm_setup: an RSA EK certificate in NV, issued by a local CA made for
+// the test. It returns the spec and the CA's certificates (PEM: the root
+// and the issuer), what an EK-certificate approval rule trusts.
+func StartSWTPMWithEKCert(t testing.TB) (spec string, caPEM []byte) {
+	t.Helper()
+	bin, err := exec.LookPath("swtpm")
+	setup, err2 := exec.LookPath("swtpm_setup")
+	if err != nil || err2 != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatalf("swtpm or swtpm_setup not found (CI is set, so not skipping): %v %v; apt-get install swtpm swtpm-tools", err, err2)
+		}
+		t.Skipf("swtpm or swtpm_setup not found; apt-get install swtpm swtpm-tools")
+	}
+	dir := t.TempDir()
+	state, ca := filepath.Join(dir, "state"), filepath.Join(dir, "ca")
+	for _, d := range []string{state, ca} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	files := map[string]string{
+		"localca.conf": "statedir = " + ca + "\nsigningkey = " + ca + "/signkey.pem\nissuercert = " + ca + "/issuercert.pem\ncertserial = " + ca + "/certserial\n",
+		"swtpm_setup.conf": "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = " + filepath.Join(dir, "localca.conf") +
+			"\ncreate_certs_tool_options = /etc/swtpm-localca.options\nactive_pcr_banks = sha256\n",
+	}
+	for n, c := range files {
+		if err := os.WriteFile(filepath.Join(dir, n), []byte(c), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := exec.Command(setup, "--tpm2", "--tpmstate", state, "--create-ek-cert", "--config", filepath.Join(dir, "swtpm_setup.conf"), "--overwrite").CombinedOutput()
+	if err != nil {
+		t.Fatalf("swtpm_setup: %v\n%s", err, out)
+	}
+	for _, f := range []string{"swtpm-localca-rootca-cert.pem", "issuercert.pem"} {
+		b, err := os.ReadFile(filepath.Join(ca, f))
+		if err != nil {
+			t.Fatalf("the local CA swtpm_setup made: %v", err)
+		}
+		caPEM = append(caPEM, b...)
+	}
+	var lastErr string
+	for range 3 {
+		addr, errText, ok := start(t, bin, state)
+		if ok {
+			return "swtpm:" + addr, caPEM
+		}
+		lastErr = errText
+	}
+	t.Fatalf("swtpm did not start: %s", lastErr)
+	return "", nil
 }
 
 func start(t testing.TB, bin, dir string) (addr, errText string, ok bool) {
