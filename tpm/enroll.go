@@ -122,11 +122,7 @@ func WrapToEK(ekPublic, secret []byte) (*Wrapped, error) {
 	if len(secret) == 0 || len(secret) > maxSecret {
 		return nil, fmt.Errorf("tpm wrap: secret of %d bytes; want 1 to %d", len(secret), maxSecret)
 	}
-	ek2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](ekPublic)
-	if err != nil {
-		return nil, fmt.Errorf("tpm wrap: bad EK public area: %w", err)
-	}
-	ek, err := ek2b.Contents()
+	ek, err := parsePublic(ekPublic)
 	if err != nil {
 		return nil, fmt.Errorf("tpm wrap: bad EK public area: %w", err)
 	}
@@ -244,13 +240,18 @@ func (t *TPM) Import(w *Wrapped) (secret []byte, err error) {
 	return rsp.OutData.Buffer, nil
 }
 
+// parsePublic decodes a TPM2B_PUBLIC.
+func parsePublic(b []byte) (*tpm2.TPMTPublic, error) {
+	p2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](b)
+	if err != nil {
+		return nil, err
+	}
+	return p2b.Contents()
+}
+
 // PublicHash is the EK hash (as EK.Hash) of a TPM2B_PUBLIC.
 func PublicHash(public []byte) (string, error) {
-	p2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](public)
-	if err != nil {
-		return "", fmt.Errorf("bad public area: %w", err)
-	}
-	p, err := p2b.Contents()
+	p, err := parsePublic(public)
 	if err != nil {
 		return "", fmt.Errorf("bad public area: %w", err)
 	}
@@ -281,11 +282,7 @@ func VerifyEKCert(ekPublic, cert []byte, roots *x509.CertPool) error {
 	if _, err := c.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return fmt.Errorf("EK certificate: %w", err)
 	}
-	p2b, err := tpm2.Unmarshal[tpm2.TPM2BPublic](ekPublic)
-	if err != nil {
-		return fmt.Errorf("bad EK public area: %w", err)
-	}
-	p, err := p2b.Contents()
+	p, err := parsePublic(ekPublic)
 	if err != nil {
 		return fmt.Errorf("bad EK public area: %w", err)
 	}

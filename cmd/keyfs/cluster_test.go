@@ -24,12 +24,9 @@ import (
 // both within 2 s, and a removal; no value reaches etcd.
 func TestClusterStore(t *testing.T) {
 	fusetest.Require(t)
-	k := clusterAPI(t)
-	ns := k.Namespace(t)
-	work := t.TempDir()
-	kube := []string{"KEYFS_STORE=kubernetes", "KUBECONFIG=" + k.Kubeconfig, "KEYFS_NAMESPACE=" + ns}
+	k, ns, work, kube := clusterTest(t)
 	nodeA := &cli{t: t, state: filepath.Join(work, "node-a"), tpm: "sim", env: kube}
-	admin := &cli{t: t, state: filepath.Join(work, "admin-no-state"), tpm: "/nonexistent/tpm", env: kube}
+	admin := adminCLI(t, work, kube)
 
 	if r := admin.must(exitNotFound, "sk-too-early", "put", "acme/openai"); !strings.Contains(r.stderr, "no KeyfsCluster") || !strings.Contains(r.stderr, "keyfs serve --store kubernetes creates it") {
 		t.Errorf("put before any node bootstrapped: %s", r.stderr)
@@ -138,6 +135,20 @@ func apply(t *testing.T, k *kubetest.Cluster, ns, y string) {
 	if resp.StatusCode != http.StatusCreated {
 		t.Fatalf("apply: %s", resp.Status)
 	}
+}
+
+// clusterTest is what a cluster-mode test starts from: the API server, a
+// namespace of its own, a work directory, and the environment that points
+// keyfs at them.
+func clusterTest(t *testing.T) (k *kubetest.Cluster, ns, work string, env []string) {
+	k = clusterAPI(t)
+	ns = k.Namespace(t)
+	return k, ns, t.TempDir(), []string{"KEYFS_STORE=kubernetes", "KUBECONFIG=" + k.Kubeconfig, "KEYFS_NAMESPACE=" + ns}
+}
+
+// adminCLI runs keyfs as an admin's machine does: no state, no TPM.
+func adminCLI(t *testing.T, work string, env []string) *cli {
+	return &cli{t: t, state: filepath.Join(work, "admin-no-state"), tpm: "/nonexistent/tpm", env: env}
 }
 
 // clusterAPI is the test binary's API server, with no KeyfsCluster or

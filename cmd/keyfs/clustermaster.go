@@ -18,22 +18,22 @@ import (
 // issues it to each approved KeyfsNode through the enrollment channel. A
 // node whose KeyfsNode was deleted never receives it.
 
-// checkHoldsCluster refuses a cluster rotation on a node whose current
-// master is not the cluster's.
-func (g *globals) checkHoldsCluster(pub *keystore.PublicKey) error {
+// checkHoldsCluster refuses a change of the cluster's masters on a node
+// whose current master is not the cluster's; it returns the cluster's.
+func (g *globals) checkHoldsCluster(pub *keystore.PublicKey) (*keystore.PublicKey, error) {
 	c, err := g.kube()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	_, cur, err := c.Cluster()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if cur.KID != pub.KID {
-		return fmt.Errorf("%w: this node's current master is %s, the cluster's is %s: rotate on a node that holds the cluster master (keyfs node ls)",
+		return nil, fmt.Errorf("%w: this node's current master is %s, the cluster's is %s: run this on a node that holds the cluster master (keyfs node ls)",
 			keystore.ErrConflict, pub.KID, cur.KID)
 	}
-	return nil
+	return cur, nil
 }
 
 // publishRotation makes m the cluster master, old an older one.
@@ -53,24 +53,16 @@ func (g *globals) publishRotation(old *keystore.PublicKey, m *keystore.MasterKey
 // resealCluster re-encrypts every SealedKey sealed to an older master of
 // the cluster to the current one, in place (same version, same value).
 func (g *globals) resealCluster() error {
-	c, err := g.kube()
-	if err != nil {
-		return err
-	}
-	_, cur, err := c.Cluster()
-	if err != nil {
-		return err
-	}
 	ring, err := g.unseal()
 	if err != nil {
 		return err
 	}
 	defer ring.Close()
-	if ring.KID() != cur.KID {
-		return fmt.Errorf("%w: this node's current master is %s, the cluster's is %s: reseal on a node that holds the cluster master",
-			keystore.ErrConflict, ring.KID(), cur.KID)
+	cur, err := g.checkHoldsCluster(ring.Public())
+	if err != nil {
+		return err
 	}
-	l, err := c.ListSealedKeys(metav1.ListOptions{})
+	l, err := g.kubeClient.ListSealedKeys(metav1.ListOptions{})
 	if err != nil {
 		return err
 	}
@@ -85,7 +77,7 @@ func (g *globals) resealCluster() error {
 		}
 		nr, err := keystore.Reseal(ring, cur, r)
 		if err == nil {
-			err = c.Replace(nr)
+			err = g.kubeClient.Replace(nr)
 		}
 		if err != nil {
 			failed++

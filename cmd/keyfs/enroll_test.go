@@ -83,11 +83,8 @@ func (n *node) reads(path, want string, d time.Duration) bool {
 // naming both TPMs; a put reaches both nodes within 2 s.
 func TestClusterEnrollment(t *testing.T) {
 	fusetest.Require(t)
-	k := clusterAPI(t)
-	ns := k.Namespace(t)
-	work := t.TempDir()
-	env := []string{"KEYFS_STORE=kubernetes", "KUBECONFIG=" + k.Kubeconfig, "KEYFS_NAMESPACE=" + ns}
-	admin := &cli{t: t, state: filepath.Join(work, "admin"), tpm: "/nonexistent/tpm", env: env}
+	k, ns, work, env := clusterTest(t)
+	admin := adminCLI(t, work, env)
 
 	a := startNode(t, work, "node-a", env)
 	if !logged(a.log, "bootstrapped the cluster master") {
@@ -195,11 +192,8 @@ func TestClusterEnrollment(t *testing.T) {
 // certificate still waits for keyfs node approve.
 func TestClusterAutoApprove(t *testing.T) {
 	fusetest.Require(t)
-	k := clusterAPI(t)
-	ns := k.Namespace(t)
-	work := t.TempDir()
-	env := []string{"KEYFS_STORE=kubernetes", "KUBECONFIG=" + k.Kubeconfig, "KEYFS_NAMESPACE=" + ns}
-	admin := &cli{t: t, state: filepath.Join(work, "admin"), tpm: "/nonexistent/tpm", env: env}
+	_, _, work, env := clusterTest(t)
+	admin := adminCLI(t, work, env)
 	specB, caPEM := tpmtest.StartSWTPMWithEKCert(t)
 	ca := filepath.Join(work, "ek-ca.pem")
 	writeFile(t, ca, string(caPEM))

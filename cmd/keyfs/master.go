@@ -220,7 +220,7 @@ files is one step: a crash leaves the old ring or the new one.`,
 				return err
 			}
 			if g.cluster() {
-				if err := g.checkHoldsCluster(old); err != nil {
+				if _, err := g.checkHoldsCluster(old); err != nil {
 					return err
 				}
 			}

@@ -19,11 +19,8 @@ import (
 // both during the change; reseal and retire finish it.
 func TestClusterRotation(t *testing.T) {
 	fusetest.Require(t)
-	k := clusterAPI(t)
-	ns := k.Namespace(t)
-	work := t.TempDir()
-	env := []string{"KEYFS_STORE=kubernetes", "KUBECONFIG=" + k.Kubeconfig, "KEYFS_NAMESPACE=" + ns}
-	admin := &cli{t: t, state: filepath.Join(work, "admin"), tpm: "/nonexistent/tpm", env: env}
+	k, ns, work, env := clusterTest(t)
+	admin := adminCLI(t, work, env)
 	client, err := kubestore.New(k.Config("admin"), ns)
 	if err != nil {
 		t.Fatal(err)
