@@ -94,26 +94,32 @@ func (g *globals) localOnly(what string) error {
 }
 
 // joinCluster makes this node's master the cluster's when no node has
-// yet, and says whether this node holds the cluster master.
-func (g *globals) joinCluster(m *keystore.MasterKey) (*kubestore.KeyfsCluster, *keystore.PublicKey, bool, error) {
+// yet, and says which master of the cluster's ring this node holds: the
+// current one, an older one (it was away during a rotation), or none ("").
+func (g *globals) joinCluster(m *keystore.MasterKey) (*kubestore.KeyfsCluster, *keystore.PublicKey, string, error) {
 	klog.SetSlogLogger(g.log.With("component", "client-go"))
 	c, err := g.kube()
 	if err != nil {
-		return nil, nil, false, err
+		return nil, nil, "", err
 	}
 	node := g.nodeName()
 	o, pub, won, err := c.Bootstrap(m.Public(), node)
 	if err != nil {
-		return nil, nil, false, err
+		return nil, nil, "", err
 	}
-	holds := slices.Contains(m.KIDs(), pub.KID)
+	held := ""
+	if i := slices.IndexFunc(o.KIDs(), func(k string) bool { return slices.Contains(m.KIDs(), k) }); i >= 0 {
+		held = o.KIDs()[i]
+	}
 	switch {
 	case won:
 		g.log.Info("bootstrapped the cluster master: KeyfsCluster default now names this node's master key", "kid", pub.KID, "node", node)
-	case holds:
+	case held == pub.KID:
 		g.log.Info("this node holds the cluster master", "kid", pub.KID, "bootstrapped_by", o.Spec.BootstrapNode)
+	case held != "":
+		g.log.Warn("this node holds an older master of the cluster, not the current one: it serves records of the older, and waits for the current to be issued to it", "held", held, "current", pub.KID)
 	}
-	return o, pub, holds, nil
+	return o, pub, held, nil
 }
 
 // nodeName is this node's name in the cluster: serve --node-id, else
@@ -126,7 +132,7 @@ func (g *globals) nodeName() string {
 }
 
 // newEnroller registers this node's KeyfsNode; run starts its roles.
-func (g *globals) newEnroller(dm *daemon, o *kubestore.KeyfsCluster, cluster *keystore.PublicKey, holds bool) (*enroller, error) {
+func (g *globals) newEnroller(dm *daemon, o *kubestore.KeyfsCluster, cluster *keystore.PublicKey, held string) (*enroller, error) {
 	allow := map[string]bool{}
 	for _, h := range g.autoApprove {
 		allow[h] = true
@@ -143,11 +149,11 @@ func (g *globals) newEnroller(dm *daemon, o *kubestore.KeyfsCluster, cluster *ke
 			return nil, usagef("--auto-approve-ek-ca %s holds no PEM certificate", g.autoApproveCA)
 		}
 	}
-	if holds {
+	if held != "" {
 		e.enrolled = true
 		close(e.ready)
 	}
-	if err := e.register(holds); err != nil {
+	if err := e.register(held); err != nil {
 		return nil, err
 	}
 	return e, nil

@@ -142,9 +142,10 @@ func (e *enroller) run(ctx context.Context) {
 }
 
 // register writes this node's EK to its KeyfsNode: waiting for approval,
-// or, on a node holding the cluster master, enrolled (approve it too, so
-// that it receives the masters later rotations make).
-func (e *enroller) register(holds bool) error {
+// or, on a node holding master held of the cluster's ring, enrolled with
+// it (approve it too, so that it receives the masters later rotations
+// make).
+func (e *enroller) register(held string) error {
 	t, err := e.g.openTPM()
 	if err != nil {
 		return err
@@ -158,13 +159,13 @@ func (e *enroller) register(holds bool) error {
 	if err != nil {
 		return err
 	}
-	if holds {
-		if o.Status.State != kubestore.StateEnrolled || o.Status.KID != e.cluster.KID {
-			msg := "holds the cluster master " + e.cluster.KID
+	if held != "" {
+		if o.Status.State != kubestore.StateEnrolled || o.Status.KID != held {
+			msg := "holds the cluster master " + held
 			if o.Spec.ApprovedEKHash != o.Spec.EKHash {
 				msg += "; approve its EK (keyfs node approve " + e.node + ") so that it receives rotated masters"
 			}
-			o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateEnrolled, KID: e.cluster.KID, Message: msg}
+			o.Status = kubestore.KeyfsNodeStatus{State: kubestore.StateEnrolled, KID: held, Message: msg}
 			if _, err := e.c.SetNodeStatus(o); err != nil {
 				return err
 			}

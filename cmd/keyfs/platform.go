@@ -206,9 +206,9 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	}
 	var kc *kubestore.KeyfsCluster
 	var cluster *keystore.PublicKey
-	var holds bool
+	var held string
 	if g.cluster() {
-		if kc, cluster, holds, err = g.joinCluster(key); err != nil {
+		if kc, cluster, held, err = g.joinCluster(key); err != nil {
 			key.Close()
 			return nil, err
 		}
@@ -238,7 +238,7 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 	dm := &daemon{key: key, audit: al}
 	if g.cluster() {
 		var e *enroller
-		if e, err = g.newEnroller(dm, kc, cluster, holds); err == nil {
+		if e, err = g.newEnroller(dm, kc, cluster, held); err == nil {
 			var x *kubestore.Index
 			if x, err = kubestore.Watch(g.kubeClient, g.log, e.checkKID); err == nil {
 				dm.store, e.onRetire = x, x.Recheck

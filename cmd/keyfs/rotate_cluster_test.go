@@ -35,17 +35,21 @@ func TestClusterRotation(t *testing.T) {
 	admin.must(0, "sk-rot-1", "put", "acme/openai")
 	b := startNode(t, work, "node-b", env)
 	c := startNode(t, work, "node-c", env)
-	for _, n := range []*node{b, c} {
+	d := startNode(t, work, "node-d", env)
+	for _, n := range []*node{b, c, d} {
 		logged(n.log, "waiting for enrollment")
 	}
-	for _, n := range []string{"node-a", "node-b", "node-c"} {
+	for _, n := range []string{"node-a", "node-b", "node-c", "node-d"} {
 		admin.must(0, "", "node", "approve", n)
 	}
-	for _, n := range []*node{b, c} {
+	for _, n := range []*node{b, c, d} {
 		if !n.reads("acme/openai", "sk-rot-1", 10*time.Second) {
 			t.Fatalf("%s not enrolled:\n%s", n.name, n.log.String())
 		}
 	}
+	// node-d is down during the rotation.
+	d.mount.Signal(syscall.SIGTERM)
+	waitOrDump(t, d.cmdOf(), 30*time.Second, d.log)
 	// node-c leaves the cluster before the rotation.
 	c.mount.Signal(syscall.SIGTERM)
 	waitOrDump(t, c.cmdOf(), 30*time.Second, c.log)
@@ -73,6 +77,15 @@ func TestClusterRotation(t *testing.T) {
 		if !n.reads("beta/gemini", "sk-rot-2", 2*time.Second) || !n.reads("acme/openai", "sk-rot-1", 0) {
 			t.Fatalf("%s does not read records of both masters", n.name)
 		}
+	}
+	// node-d comes back holding only the older master: it serves the
+	// records sealed to it at once, and receives the new one.
+	d2 := restartNode(t, d, env)
+	if !d2.reads("acme/openai", "sk-rot-1", 10*time.Second) {
+		t.Fatalf("node-d, back with the older master, does not serve its records:\n%s", d2.log.String())
+	}
+	if !poll(10*time.Second, func() bool { return d2.kid() == kid2 }) || !d2.reads("beta/gemini", "sk-rot-2", 2*time.Second) {
+		t.Fatalf("node-d did not receive master %s after its restart:\n%s", kid2, d2.log.String())
 	}
 	if ls := admin.must(0, "", "ls").stdout; !strings.Contains(ls, kid1) || !strings.Contains(ls, kid2) {
 		t.Fatalf("ls before reseal:\n%s", ls)
@@ -113,7 +126,7 @@ func TestClusterRotation(t *testing.T) {
 	if nc, err := client.GetNode("node-c"); err != nil || nc.Status.State != kubestore.StateWaiting || nc.Status.Enrollment != nil {
 		t.Errorf("node-c's KeyfsNode: %+v %v", nc, err)
 	}
-	for _, n := range []*node{a, b, c2} {
+	for _, n := range []*node{a, b, c2, d2} {
 		noValueIn(t, n.state, "sk-rot-1", "sk-rot-2", "sk-rot-late")
 	}
 }
