@@ -6,7 +6,7 @@ FUZZTIME  ?= 10s
 BIN       := bin
 IMAGE     ?= ghcr.io/keyfs/keyfs:v0.1.0
 
-.PHONY: build build-static image test e2e lint fuzz demo bench deps-demo deps-test deps-bench
+.PHONY: build build-static image deb test e2e lint fuzz demo bench deps-demo deps-test deps-bench
 
 # The development binary: includes the in-process TPM simulator (--tpm sim).
 build:
@@ -20,6 +20,12 @@ build-static:
 # that `ctr -n k8s.io images import` and `docker load` accept; no Docker.
 image: build-static
 	$(GO) run ./internal/cmd/mkimage -binary $(BIN)/keyfs-static -tag $(IMAGE) -o $(BIN)/keyfs-image.tar
+
+# The Debian package for hosts (packaging/): a stripped static binary, the
+# systemd unit, /etc/default/keyfs, docs generated from --help.
+deb:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags="-s -w" -o $(BIN)/keyfs-deb ./cmd/keyfs
+	$(GO) run ./internal/cmd/mkdeb -binary $(BIN)/keyfs-deb
 
 # go mod tidy -diff fails, printing the change, when go.mod or go.sum is
 # not what tidy would write (a direct dependency marked indirect, say).
