@@ -2,7 +2,9 @@
 // after a crash at any point, readers see the old set or the new set,
 // never a mix. The new set is written whole into a journal directory and
 // marked complete before any file moves; Settle, run before the files are
-// read, finishes a complete journal or discards an incomplete one.
+// read, finishes a complete journal or discards an incomplete one. Commit
+// and Settle hold an exclusive lock on dir/JOURNAL.lock, so that another
+// process settling never takes a journal being written for a crashed one.
 package fileset
 
 import (
@@ -12,6 +14,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // File is one member of a set: its new content, or its removal.
@@ -27,9 +31,27 @@ const (
 	removalSuffix = ".remove"
 )
 
+// lock takes the set's lock; the returned func releases it.
+func lock(dir, journal string) (func(), error) {
+	f, err := os.OpenFile(filepath.Join(dir, journal+".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	}
+	return func() { f.Close() }, nil
+}
+
 // Commit replaces files in dir together, journaling in dir/journal.
 func Commit(dir, journal string, files []File) error {
-	if err := Settle(dir, journal); err != nil {
+	unlock, err := lock(dir, journal)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := settle(dir, journal); err != nil {
 		return err
 	}
 	j := filepath.Join(dir, journal)
@@ -63,6 +85,19 @@ func Commit(dir, journal string, files []File) error {
 
 // Settle finishes or discards a journal a crashed Commit left in dir.
 func Settle(dir, journal string) error {
+	j := filepath.Join(dir, journal)
+	if _, err := os.Lstat(j); errors.Is(err, fs.ErrNotExist) {
+		return nil // the common case: no lock needed
+	}
+	unlock, err := lock(dir, journal)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return settle(dir, journal)
+}
+
+func settle(dir, journal string) error {
 	j := filepath.Join(dir, journal)
 	if _, err := os.Lstat(j); errors.Is(err, fs.ErrNotExist) {
 		return nil
