@@ -1,6 +1,7 @@
 package packaging
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -83,14 +84,23 @@ func TestUnitVerifies(t *testing.T) {
 	}
 }
 
-// TestUnitCommandRuns runs the unit's ExecStart for real, with its
-// environment file's options, against a test state, an swtpm and a
-// temporary mount point. (Its sandbox needs systemd as PID 1, which this
-// machine lacks; systemd-analyze checks it above.)
-func TestUnitCommandRuns(t *testing.T) {
-	fusetest.Require(t)
-	dir := t.TempDir()
-	bin := buildKeyfs(t, dir, false)
+// hostKeyfs is keyfs run as the unit runs it, on a test state and swtpm.
+type hostKeyfs struct {
+	t          *testing.T
+	bin, state string
+	mnt, spec  string
+	line       string // the unit's command line, paths replaced
+	cmd        *exec.Cmd
+	done       chan error
+	logs       *strings.Builder
+}
+
+// newHostKeyfs prepares the unit's ExecStart, with its environment file's
+// options, against a test state in a new master key, an swtpm and a mount
+// point under dir/run/keyfs/keys.
+func newHostKeyfs(t *testing.T, dir string) *hostKeyfs {
+	t.Helper()
+	h := &hostKeyfs{t: t, bin: buildKeyfs(t, dir, false), state: filepath.Join(dir, "state"), mnt: filepath.Join(dir, "run", "keyfs", "keys"), spec: tpmtest.StartSWTPM(t)}
 	b, err := os.ReadFile("keyfs-mount.service")
 	if err != nil {
 		t.Fatal(err)
@@ -107,56 +117,77 @@ func TestUnitCommandRuns(t *testing.T) {
 	if opts == nil {
 		t.Fatal("keyfs.default sets no KEYFS_MOUNT_OPTS")
 	}
-	state, mnt, spec := filepath.Join(dir, "state"), filepath.Join(dir, "run", "keys"), tpmtest.StartSWTPM(t)
-	line := strings.NewReplacer("/usr/bin/keyfs", bin, "/var/lib/keyfs", state, "/dev/tpmrm0", spec, "/run/keyfs/keys", mnt,
+	h.line = strings.NewReplacer("/usr/bin/keyfs", h.bin, "/var/lib/keyfs", h.state, "/dev/tpmrm0", h.spec, "/run/keyfs/keys", h.mnt,
 		"$KEYFS_MOUNT_OPTS", string(opts[1])).Replace(string(m[1]))
-	args := strings.Fields(line)
-	env := append(os.Environ(), "KEYFS_STATE="+state, "KEYFS_TPM="+spec)
-	for _, c := range []struct{ stdin, args string }{{"", "init"}, {"sk-host-1", "put acme/openai"}} {
-		cmd := exec.Command(bin, strings.Fields(c.args)...)
-		cmd.Env, cmd.Stdin = env, strings.NewReader(c.stdin)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("keyfs %s: %v\n%s", c.args, err, out)
-		}
-	}
+	h.keyfs("", "init")
 	t.Cleanup(func() {
-		if ok, _ := fusetest.Mounted(mnt); ok {
-			syscall.Unmount(mnt, syscall.MNT_DETACH)
+		h.stop()
+		if ok, _ := fusetest.Mounted(h.mnt); ok {
+			syscall.Unmount(h.mnt, syscall.MNT_DETACH)
 		}
 	})
-	cmd := exec.Command(args[0], args[1:]...)
-	var logs strings.Builder
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	return h
+}
+
+// keyfs runs a keyfs command on the state.
+func (h *hostKeyfs) keyfs(stdin string, args ...string) {
+	h.t.Helper()
+	cmd := exec.Command(h.bin, args...)
+	cmd.Env, cmd.Stdin = append(os.Environ(), "KEYFS_STATE="+h.state, "KEYFS_TPM="+h.spec), strings.NewReader(stdin)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		h.t.Fatalf("keyfs %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			<-done
-		}
-	})
+}
+
+// start runs the unit's command line and waits until file reads want.
+func (h *hostKeyfs) start(file, want string) {
+	h.t.Helper()
+	args := strings.Fields(h.line)
+	h.cmd, h.logs, h.done = exec.Command(args[0], args[1:]...), &strings.Builder{}, make(chan error, 1)
+	h.cmd.Stderr = h.logs
+	if err := h.cmd.Start(); err != nil {
+		h.t.Fatal(err)
+	}
+	go func(c *exec.Cmd, done chan error) { done <- c.Wait() }(h.cmd, h.done)
 	var got []byte
+	var err error
 	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		if got, err = os.ReadFile(filepath.Join(mnt, "acme", "openai")); err == nil {
-			break
+		if got, err = os.ReadFile(filepath.Join(h.mnt, file)); err == nil && string(got) == want {
+			return
 		}
 	}
-	if string(got) != "sk-host-1" {
-		t.Fatalf("the unit's command line (%s) serves %q, %v", line, got, err)
+	h.t.Fatalf("the unit's command line (%s) serves %q, %v:\n%s", h.line, got, err, h.logs)
+}
+
+// stop sends SIGTERM, as systemctl stop does, and returns how it exited.
+func (h *hostKeyfs) stop() error {
+	if h.cmd == nil || h.cmd.ProcessState != nil {
+		return nil
 	}
-	cmd.Process.Signal(syscall.SIGTERM)
+	h.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("keyfs mount on SIGTERM (what systemctl stop sends): %v", err)
-		}
+	case err := <-h.done:
+		return err
 	case <-time.After(30 * time.Second):
-		t.Fatal("keyfs mount did not stop on SIGTERM")
+		h.cmd.Process.Kill()
+		<-h.done
+		return errors.New("keyfs mount did not stop on SIGTERM")
 	}
-	if ok, _ := fusetest.Mounted(mnt); ok {
+}
+
+// TestUnitCommandRuns runs the unit's ExecStart for real, with its
+// environment file's options, against a test state, an swtpm and a
+// temporary mount point. (Its sandbox needs systemd as PID 1, which this
+// machine lacks; systemd-analyze checks it above.)
+func TestUnitCommandRuns(t *testing.T) {
+	fusetest.Require(t)
+	h := newHostKeyfs(t, t.TempDir())
+	h.keyfs("sk-host-1", "put", "acme/openai")
+	h.start("acme/openai", "sk-host-1")
+	if err := h.stop(); err != nil {
+		t.Fatalf("keyfs mount on SIGTERM (what systemctl stop sends): %v", err)
+	}
+	if ok, _ := fusetest.Mounted(h.mnt); ok {
 		t.Error("still mounted after stop")
 	}
 }

@@ -6,7 +6,7 @@
 set -euo pipefail
 case "${1:-test}" in
   demo)  need=(gcc libssl-dev fuse3) ;;
-  test)  need=(gcc libssl-dev fuse3 swtpm swtpm-tools git prometheus etcd-server systemd lintian) ;;  # prometheus: promtool; systemd: systemd-analyze
+  test)  need=(gcc libssl-dev fuse3 swtpm swtpm-tools git prometheus etcd-server systemd lintian containerd runc) ;;  # prometheus: promtool; systemd: systemd-analyze
   bench) need=(gcc libssl-dev fuse3 gocryptfs) ;;
   *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac
