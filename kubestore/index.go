@@ -57,7 +57,11 @@ const syncTimeout = 60 * time.Second
 // object that does not parse, belongs elsewhere or fails check stays
 // listed, so only its own file fails to read (EIO), and is reported once
 // per version in the log and as a Kubernetes event naming the object.
-func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error) (*Index, error) {
+//
+// onChange, if not nil, hears of every SealedKey added, updated or deleted
+// after the first list ("add", "update", "delete"), with the object as
+// cached: for the audit trail.
+func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error, onChange func(change string, o *SealedKey)) (*Index, error) {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -90,6 +94,7 @@ func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error) (*In
 			ObjectMeta: metav1.ObjectMeta{Name: o.Name, Namespace: o.Namespace, UID: o.UID, ResourceVersion: o.ResourceVersion}}
 		slim.rec, slim.recErr = recordOf(o)
 		slim.parsed = true
+		slim.writer = lastWriter(o)
 		return slim, nil
 	})
 	x.inf.SetWatchErrorHandlerWithContext(func(_ context.Context, _ *cache.Reflector, err error) {
@@ -101,10 +106,19 @@ func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error) (*In
 			log.Warn("cannot watch SealedKeys; serving what was listed before", "namespace", c.namespace, "err", err)
 		}
 	})
+	var synced atomic.Bool
+	tell := func(change string, obj any) {
+		if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+			obj = d.Obj
+		}
+		if o, ok := obj.(*SealedKey); ok && onChange != nil && synced.Load() {
+			onChange(change, o)
+		}
+	}
 	x.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc:    x.touch,
-		UpdateFunc: func(old, obj any) { x.touch(old); x.touch(obj) },
-		DeleteFunc: x.touch,
+		AddFunc:    func(obj any) { x.touch(obj); tell("add", obj) },
+		UpdateFunc: func(old, obj any) { x.touch(old); x.touch(obj); tell("update", obj) },
+		DeleteFunc: func(obj any) { x.touch(obj); tell("delete", obj) },
 	})
 	go func() {
 		defer close(x.done)
@@ -125,6 +139,7 @@ func Watch(c *Client, log *slog.Logger, check func(*keystore.Record) error) (*In
 	x.mu.Lock()
 	x.rebuild(true)
 	x.mu.Unlock()
+	synced.Store(true)
 	go x.loop(ctx)
 	return x, nil
 }
@@ -304,4 +319,39 @@ func (x *Index) Refresh() error {
 func (x *Index) Close() {
 	x.cancel()
 	<-x.done
+}
+
+// lastWriter names the field manager of o's newest change, from its
+// managedFields (the API keeps no user name in the object): what the
+// audit trail can say of who wrote a record that arrived through the API.
+func lastWriter(o *SealedKey) string {
+	var w metav1.ManagedFieldsEntry
+	for _, m := range o.ManagedFields {
+		if w.Time == nil || (m.Time != nil && !m.Time.Before(w.Time)) {
+			w = m
+		}
+	}
+	if w.Manager == "" {
+		return ""
+	}
+	s := "field manager " + w.Manager + " (" + string(w.Operation)
+	if w.Time != nil {
+		s += " at " + w.Time.UTC().Format(time.RFC3339)
+	}
+	return s + ")"
+}
+
+// Writer is what the API says of who last wrote o: its newest field
+// manager, operation and time.
+func (o *SealedKey) Writer() string { return o.writer }
+
+// Version is o's record version, 0 when it does not parse.
+func (o *SealedKey) Version() uint64 { return versionOf(o) }
+
+// KID is the master o's record is sealed to, "" when it does not parse.
+func (o *SealedKey) KID() string {
+	if r, err := recordOf(o); err == nil {
+		return r.KID
+	}
+	return ""
 }

@@ -271,7 +271,13 @@ func TestIndex(t *testing.T) {
 		}
 		return nil
 	}
-	x, err := Watch(c, nil, kidCheck)
+	var changes []string
+	var changesMu sync.Mutex
+	x, err := Watch(c, nil, kidCheck, func(change string, o *SealedKey) {
+		changesMu.Lock()
+		defer changesMu.Unlock()
+		changes = append(changes, change+" "+o.Name+" "+o.Writer())
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -366,6 +372,24 @@ func TestIndex(t *testing.T) {
 	}
 	if err := x.Refresh(); err != nil {
 		t.Errorf("refresh: %v", err)
+	}
+	if !poll(5*time.Second, func() bool {
+		changesMu.Lock()
+		defer changesMu.Unlock()
+		return strings.Contains(strings.Join(changes, "\n"), "delete acme.openai")
+	}) {
+		t.Fatalf("no delete heard: %v", changes)
+	}
+	changesMu.Lock()
+	all := strings.Join(changes, "\n")
+	changesMu.Unlock()
+	for _, want := range []string{"update acme.openai field manager keyfs (Update at ", "add acme.stolen field manager keyfs", "add acme.foreign field manager keyfs"} {
+		if !strings.Contains(all, want) {
+			t.Errorf("changes heard lack %q:\n%s", want, all)
+		}
+	}
+	if strings.Contains(all, "beta.gemini") {
+		t.Errorf("the first list was reported as changes:\n%s", all)
 	}
 }
 

@@ -29,6 +29,7 @@ type SealedKey struct {
 	parsed bool
 	rec    *keystore.Record
 	recErr error
+	writer string // its newest field manager, from managedFields (dropped)
 }
 
 // SealedKeySpec names the key and carries its record armor.

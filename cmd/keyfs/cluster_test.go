@@ -41,8 +41,8 @@ func TestClusterStore(t *testing.T) {
 	mount := nodeA.keyfsCmd("mount", mnt)
 	mount.Env = append(mount.Env, "NODE_NAME=node-a")
 	stderr := startChild(t, mount)
-	if !logged(stderr, "bootstrapped the cluster master") {
-		t.Fatalf("the first node did not bootstrap:\n%s", stderr.String())
+	if !logged(stderr, "bootstrapped the cluster master") || !logged(stderr, "serving keys") {
+		t.Fatalf("the first node did not bootstrap and serve:\n%s", stderr.String())
 	}
 
 	admin.must(0, "sk-cluster-put", "put", "acme/openai")
@@ -62,6 +62,14 @@ func TestClusterStore(t *testing.T) {
 		return string(b) == "sk-from-git"
 	}) {
 		t.Fatalf("an applied SealedKey did not reach the mount within 2 s")
+	}
+	// The node's audit trail records both, with what the API says of the writer.
+	var trail string
+	if !poll(5*time.Second, func() bool {
+		trail = nodeA.must(0, "", "audit", "-o", "json").stdout
+		return strings.Contains(trail, `"reason":"add of SealedKey `+ns+`/beta.gemini--u1 by field manager Go-http-client (Update at `)
+	}) || !strings.Contains(trail, `"event":"sealedkey","tenant":"acme","key":"openai"`) || !strings.Contains(trail, "by field manager keyfs (Update at ") {
+		t.Errorf("the audit trail lacks the SealedKeys' arrival and writers:\n%s", trail)
 	}
 	ls := admin.must(0, "", "ls").stdout
 	if !strings.Contains(ls, "acme    openai") || !strings.Contains(ls, "beta    gemini_1") || !strings.Contains(ls, kid) {

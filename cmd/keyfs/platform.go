@@ -139,6 +139,19 @@ within a second. Every open is written to the audit log.`,
 	return c
 }
 
+// auditSealedKey records each SealedKey the daemon sees change: the key,
+// its version and kid, and what the API says of its last writer.
+func (g *globals) auditSealedKey(al *audit.Logger) func(string, *kubestore.SealedKey) {
+	node := g.nodeName()
+	return func(change string, o *kubestore.SealedKey) {
+		reason := change + " of SealedKey " + o.Namespace + "/" + o.Name
+		if w := o.Writer(); w != "" && change != "delete" {
+			reason += " by " + w
+		}
+		al.Log(audit.Event{Time: time.Now().UTC(), Event: "sealedkey", Tenant: o.Spec.Tenant, Key: o.Spec.Name, Version: o.Version(), KID: o.KID(), Node: node, Reason: reason})
+	}
+}
+
 // addEnrollFlags adds the daemons' explicit rules of automatic approval.
 func addEnrollFlags(c *cobra.Command, g *globals) {
 	c.Flags().StringSliceVar(&g.autoApprove, "auto-approve-ek", nil, "cluster mode: enroll nodes whose TPM has one of these EK hashes (keyfs node ek) without an admin's approval")
@@ -246,7 +259,7 @@ func (g *globals) startDaemon(da daemonAudit) (*daemon, error) {
 		var e *enroller
 		if e, err = g.newEnroller(dm, kc, cluster, held); err == nil {
 			var x *kubestore.Index
-			if x, err = kubestore.Watch(g.kubeClient, g.log, e.checkKID); err == nil {
+			if x, err = kubestore.Watch(g.kubeClient, g.log, e.checkKID, g.auditSealedKey(al)); err == nil {
 				dm.store, e.onRetire = x, x.Recheck
 				e.start(dm)
 			}
