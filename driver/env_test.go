@@ -98,7 +98,11 @@ func newEnv(t *testing.T, c envConfig) *env {
 	watched := make(chan struct{})
 	go func() { e.policy.Watch(ctx, 50*time.Millisecond, testLogger(t), nil); close(watched) }()
 	served := make(chan error, 1)
-	go func() { served <- e.drv.Serve(ctx, "unix://"+e.sock) }()
+	l, err := e.drv.Listen("unix://" + e.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { served <- e.drv.Serve(ctx, l) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-served; err != nil {

@@ -19,22 +19,25 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Serve serves Identity and Node on endpoint (unix:///path/csi.sock) until
-// ctx ends, then stops gracefully, giving calls in flight a few seconds.
-func (d *Driver) Serve(ctx context.Context, endpoint string) error {
+// Listen makes the CSI socket of endpoint (unix:///path/csi.sock): once it
+// returns, kubelet's calls queue until Serve answers them.
+func (d *Driver) Listen(endpoint string) (net.Listener, error) {
 	path, err := SocketPath(endpoint)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	l, err := listenUnix(path)
-	if err != nil {
-		return err
-	}
-	defer os.Remove(path)
+	return listenUnix(path)
+}
+
+// Serve serves Identity and Node on l (from Listen) until ctx ends, then
+// stops gracefully, giving calls in flight a few seconds, and removes the
+// socket.
+func (d *Driver) Serve(ctx context.Context, l net.Listener) error {
+	defer os.Remove(l.Addr().String())
 	s := grpc.NewServer(grpc.UnaryInterceptor(d.interceptor))
 	csi.RegisterIdentityServer(s, d)
 	csi.RegisterNodeServer(s, d)
-	d.log.Info("CSI driver serving", "driver", d.name, "endpoint", path, "node", d.nodeID)
+	d.log.Info("CSI driver serving", "driver", d.name, "endpoint", l.Addr().String(), "node", d.nodeID)
 	return serveUntil(ctx, s, l)
 }
 

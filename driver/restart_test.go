@@ -63,7 +63,10 @@ func runHelper() int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	err = d.Serve(ctx, "unix://"+os.Getenv("KEYFS_H_SOCK"))
+	l, err := d.Listen("unix://" + os.Getenv("KEYFS_H_SOCK"))
+	if err == nil {
+		err = d.Serve(ctx, l)
+	}
 	d.Close()
 	if err != nil {
 		log.Error("serve", "err", err)

@@ -125,15 +125,15 @@ func (t *Tenant) Names() []string {
 type Key struct {
 	Entry
 	load  func(Entry) (*Record, error)
-	cache *RecordCache // nil: rec is never dropped
+	cache *recordCache // nil: rec is never dropped
 	meta  atomic.Pointer[keyMeta]
 	rec   atomic.Pointer[Record] // ciphertext only
 }
 
-// NewKey makes a key for a Store implementation: load fetches its record
-// on first use, and cache, if not nil, bounds how many stay in memory.
-func NewKey(e Entry, load func(Entry) (*Record, error), cache *RecordCache) *Key {
-	return &Key{Entry: e, load: load, cache: cache}
+// NewKey makes a key for a Store implementation whose records are in
+// memory already: load fetches one on first use, and the Key keeps it.
+func NewKey(e Entry, load func(Entry) (*Record, error)) *Key {
+	return &Key{Entry: e, load: load}
 }
 
 type keyMeta struct {
@@ -178,23 +178,20 @@ func (k *Key) Attrs() (size int64, created time.Time) {
 	return m.size, m.created
 }
 
-// RecordCacheSize bounds the parsed records an index holds, about 1.3 KB
+// recordCacheSize bounds the parsed records an index holds, about 1.3 KB
 // each, mostly the KEM encapsulation. It is a hot set: with more keys
 // than this, the rest are loaded again on open; sizes stay known.
-const RecordCacheSize = 4096
+const recordCacheSize = 4096
 
-// RecordCache bounds the records Keys hold: ciphertext only, safe in
+// recordCache bounds the records Keys hold: ciphertext only, safe in
 // memory, saving a read and parse per open. First in, first out.
-type RecordCache struct {
+type recordCache struct {
 	mu   sync.Mutex
 	ring []*Key
 	next int
 }
 
-// NewRecordCache holds up to n records.
-func NewRecordCache(n int) *RecordCache { return &RecordCache{ring: make([]*Key, n)} }
-
-func (c *RecordCache) add(k *Key) {
+func (c *recordCache) add(k *Key) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if old := c.ring[c.next]; old != nil && old != k {
@@ -210,7 +207,7 @@ type DirIndex struct {
 	Published
 	d     *Dir
 	log   *slog.Logger
-	cache *RecordCache
+	cache *recordCache
 
 	mu      sync.Mutex // one scan at a time
 	gen     string     // generation the snapshot reflects
@@ -232,7 +229,7 @@ func WatchDir(d *Dir, poll time.Duration, log *slog.Logger) (*DirIndex, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	x := &DirIndex{d: d, log: log, cache: NewRecordCache(RecordCacheSize), stop: make(chan struct{}), done: make(chan struct{})}
+	x := &DirIndex{d: d, log: log, cache: &recordCache{ring: make([]*Key, recordCacheSize)}, stop: make(chan struct{}), done: make(chan struct{})}
 	gen, err := d.Gen()
 	if err != nil {
 		return nil, fmt.Errorf("index %s: %w", d.Root(), err)
@@ -376,7 +373,7 @@ func (x *DirIndex) scanTenant(name string, prev *Tenant, start time.Time) (*Tena
 		if k := prev.Key(e.Name); k != nil && k.Entry == e {
 			t.keys[e.Name] = k
 		} else {
-			t.keys[e.Name] = NewKey(e, x.d.Read, x.cache)
+			t.keys[e.Name] = &Key{Entry: e, load: x.d.Read, cache: x.cache}
 		}
 		t.names = append(t.names, e.Name) // Keys is sorted
 	}

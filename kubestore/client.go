@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -38,6 +40,11 @@ type Client struct {
 	rest      rest.Interface
 	namespace string
 	timeout   time.Duration
+
+	// One listing serves Tenants, Keys and Read (ls, verify): the
+	// namespace's SealedKeys by tenant, records parsed; a write drops it.
+	mu     sync.Mutex
+	listed map[string][]*SealedKey
 }
 
 // New makes a client of cfg for SealedKeys in namespace.
@@ -119,6 +126,7 @@ func NewSealedKey(namespace string, r *keystore.Record) *SealedKey {
 // write stores r as its key's object: created, or replacing old (nil:
 // none) only if old is still current.
 func (c *Client) write(r *keystore.Record, old *SealedKey) error {
+	c.forget()
 	ctx, cancel := c.ctx()
 	defer cancel()
 	o := NewSealedKey(c.namespace, r)
@@ -162,23 +170,46 @@ func versionOf(o *SealedKey) uint64 {
 	return 0
 }
 
-// retries bounds the optimistic-concurrency loop of Put: another writer
-// won the race this many times in a row.
+// retries bounds the optimistic-concurrency loop of Put and Import:
+// another writer won the race this many times in a row.
 const retries = 5
 
 // Put seals a new version of tenant/name and stores it: the larger of the
 // stored version + 1 and the current Unix time, as the local store does.
 func (c *Client) Put(tenant, name string, seal func(version uint64) (*keystore.Record, error)) (*keystore.Record, error) {
+	return c.replace(tenant, name, func(old *SealedKey) (*keystore.Record, error) {
+		v := uint64(time.Now().Unix())
+		if old != nil {
+			v = max(v, versionOf(old)+1)
+		}
+		return seal(v)
+	})
+}
+
+// Import stores a record sealed elsewhere; its version must be newer than
+// the stored one.
+func (c *Client) Import(r *keystore.Record) error {
+	_, err := c.replace(r.Tenant, r.Name, func(old *SealedKey) (*keystore.Record, error) {
+		if old != nil {
+			if v := versionOf(old); v >= r.Version {
+				return nil, fmt.Errorf("%w: %s/%s already has version %d, not older than the record's %d: seal it again (keyfs seal uses the current time as its version)",
+					keystore.ErrConflict, r.Tenant, r.Name, v, r.Version)
+			}
+		}
+		return r, nil
+	})
+	return err
+}
+
+// replace stores next(the stored object, nil if none) as tenant/name's
+// object, again from a fresh read while another writer wins the race.
+func (c *Client) replace(tenant, name string, next func(old *SealedKey) (*keystore.Record, error)) (*keystore.Record, error) {
 	for range retries {
 		old, err := c.GetSealedKey(tenant, name)
 		if err != nil && !errors.Is(err, keystore.ErrNotFound) {
 			return nil, err
 		}
-		v := uint64(time.Now().Unix())
-		if old != nil {
-			v = max(v, versionOf(old)+1)
-		}
-		r, err := seal(v)
+		r, err := next(old)
 		if err != nil {
 			return nil, err
 		}
@@ -187,27 +218,6 @@ func (c *Client) Put(tenant, name string, seal func(version uint64) (*keystore.R
 		}
 	}
 	return nil, fmt.Errorf("%w: %s/%s changed under %d writes in a row; try again", keystore.ErrConflict, tenant, name, retries)
-}
-
-// Import stores a record sealed elsewhere; its version must be newer than
-// the stored one.
-func (c *Client) Import(r *keystore.Record) error {
-	for range retries {
-		old, err := c.GetSealedKey(r.Tenant, r.Name)
-		if err != nil && !errors.Is(err, keystore.ErrNotFound) {
-			return err
-		}
-		if old != nil {
-			if v := versionOf(old); v >= r.Version {
-				return fmt.Errorf("%w: %s/%s already has version %d, not older than the record's %d: seal it again (keyfs seal uses the current time as its version)",
-					keystore.ErrConflict, r.Tenant, r.Name, v, r.Version)
-			}
-		}
-		if err := c.write(r, old); !errors.Is(err, keystore.ErrConflict) {
-			return err
-		}
-	}
-	return fmt.Errorf("%w: %s/%s changed under %d writes in a row; try again", keystore.ErrConflict, r.Tenant, r.Name, retries)
 }
 
 // Create stores r as a new key's object; an error wrapping ErrConflict if
@@ -222,6 +232,7 @@ func (c *Client) Remove(tenant, name string, _ bool) ([]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
+	c.forget()
 	ctx, cancel := c.ctx()
 	defer cancel()
 	pre := metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &old.UID, ResourceVersion: &old.ResourceVersion}}
@@ -244,20 +255,42 @@ func entryOf(o *SealedKey) keystore.Entry {
 	return keystore.Entry{Tenant: o.Spec.Tenant, Name: o.Spec.Name, Version: versionOf(o), Path: "sealedkeys/" + o.Name}
 }
 
-// Tenants lists the tenants with at least one SealedKey, sorted.
-func (c *Client) Tenants() ([]string, error) {
+// listing is the namespace's SealedKeys by tenant, listed once and kept
+// until a write, each record parsed once.
+func (c *Client) listing() (map[string][]*SealedKey, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.listed != nil {
+		return c.listed, nil
+	}
 	l, err := c.ListSealedKeys(metav1.ListOptions{})
 	if err != nil {
 		return nil, err
 	}
-	var ts []string
-	for _, o := range l.Items {
-		if !slices.Contains(ts, o.Spec.Tenant) {
-			ts = append(ts, o.Spec.Tenant)
-		}
+	byTenant := map[string][]*SealedKey{}
+	for i := range l.Items {
+		o := &l.Items[i]
+		o.rec, o.recErr = recordOf(o)
+		o.parsed = true
+		byTenant[o.Spec.Tenant] = append(byTenant[o.Spec.Tenant], o)
 	}
-	slices.Sort(ts)
-	return ts, nil
+	c.listed = byTenant
+	return byTenant, nil
+}
+
+func (c *Client) forget() {
+	c.mu.Lock()
+	c.listed = nil
+	c.mu.Unlock()
+}
+
+// Tenants lists the tenants with at least one SealedKey, sorted.
+func (c *Client) Tenants() ([]string, error) {
+	l, err := c.listing()
+	if err != nil {
+		return nil, err
+	}
+	return slices.Sorted(maps.Keys(l)), nil
 }
 
 // Keys lists tenant's keys, sorted by name.
@@ -265,25 +298,32 @@ func (c *Client) Keys(tenant string) ([]keystore.Entry, error) {
 	if err := keystore.ValidTenant(tenant); err != nil {
 		return nil, err
 	}
-	l, err := c.ListSealedKeys(metav1.ListOptions{})
+	l, err := c.listing()
 	if err != nil {
 		return nil, err
 	}
 	var es []keystore.Entry
-	for i := range l.Items {
-		if l.Items[i].Spec.Tenant == tenant {
-			es = append(es, entryOf(&l.Items[i]))
-		}
+	for _, o := range l[tenant] {
+		es = append(es, entryOf(o))
 	}
 	slices.SortFunc(es, func(a, b keystore.Entry) int { return strings.Compare(a.Name, b.Name) })
 	return es, nil
 }
 
-// Read fetches and checks the record e names.
+// Read checks and returns the record e names: from the listing that named
+// it, else fetched.
 func (c *Client) Read(e keystore.Entry) (*keystore.Record, error) {
-	o, err := c.GetSealedKey(e.Tenant, e.Name)
-	if err != nil {
-		return nil, err
+	var o *SealedKey
+	if l, err := c.listing(); err == nil {
+		if i := slices.IndexFunc(l[e.Tenant], func(o *SealedKey) bool { return o.Spec.Name == e.Name }); i >= 0 {
+			o = l[e.Tenant][i]
+		}
+	}
+	if o == nil {
+		var err error
+		if o, err = c.GetSealedKey(e.Tenant, e.Name); err != nil {
+			return nil, err
+		}
 	}
 	r, err := recordOf(o)
 	if err != nil {

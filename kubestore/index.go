@@ -232,7 +232,7 @@ func (x *Index) tenant(t string, prev *keystore.Tenant) *keystore.Tenant {
 			same = same && prev.Key(o.Spec.Name) == k.key
 			continue
 		}
-		k := keystore.NewKey(entryOf(o), x.load, nil) // the cache holds the record already
+		k := keystore.NewKey(entryOf(o), x.load) // the informer's cache holds the record
 		x.keys[o.Name] = indexed{rv: o.ResourceVersion, key: k}
 		if err := x.vet(o); err != nil {
 			x.refuse(o, err)

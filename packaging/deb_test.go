@@ -34,6 +34,9 @@ func TestDebianPackage(t *testing.T) {
 	need(t, "dpkg-deb")
 	lintian := need(t, "lintian")
 	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("installing a package needs root (CI is set, so not skipping)")
+		}
 		t.Skip("installing a package needs root")
 	}
 	if out, _ := exec.Command("dpkg-query", "-W", "-f=${Status}", "keyfs").Output(); strings.Contains(string(out), "installed") {

@@ -65,7 +65,7 @@ func (t *TPM) EK() (_ *EK, err error) {
 	return out, nil
 }
 
-func (t *TPM) createEK() (*srk, error) {
+func (t *TPM) createEK() (*primary, error) {
 	rsp, err := tpm2.CreatePrimary{PrimaryHandle: tpm2.TPMRHEndorsement, InPublic: tpm2.New2B(tpm2.RSAEKTemplate)}.Execute(t.tr)
 	if err != nil {
 		return nil, classify("create EK", nil, err)
@@ -74,7 +74,7 @@ func (t *TPM) createEK() (*srk, error) {
 	if err == nil {
 		var name *tpm2.TPM2BName
 		if name, err = tpm2.ObjectName(pub); err == nil {
-			return &srk{handle: rsp.ObjectHandle, name: *name, pub: *pub}, nil
+			return &primary{handle: rsp.ObjectHandle, name: *name, pub: *pub}, nil
 		}
 	}
 	t.flush(rsp.ObjectHandle, &err)

@@ -296,7 +296,8 @@ func (t *TPM) lock() error {
 	return nil
 }
 
-type srk struct {
+// primary is a primary key the TPM holds: the SRK or the EK.
+type primary struct {
 	handle tpm2.TPMHandle
 	name   tpm2.TPM2BName
 	pub    tpm2.TPMTPublic
@@ -304,7 +305,7 @@ type srk struct {
 
 // createSRK recreates the TCG ECC P-256 SRK: the same owner seed and
 // template always give the same key, so nothing is persisted in the TPM.
-func (t *TPM) createSRK() (*srk, error) {
+func (t *TPM) createSRK() (*primary, error) {
 	rsp, err := tpm2.CreatePrimary{
 		PrimaryHandle: tpm2.TPMRHOwner,
 		InPublic:      tpm2.New2B(tpm2.ECCSRKTemplate),
@@ -324,7 +325,7 @@ func (t *TPM) createSRK() (*srk, error) {
 		t.flush(rsp.ObjectHandle, &err)
 		return nil, fmt.Errorf("tpm create SRK: %w", err)
 	}
-	return &srk{handle: rsp.ObjectHandle, name: *name, pub: *pub}, nil
+	return &primary{handle: rsp.ObjectHandle, name: *name, pub: *pub}, nil
 }
 
 // pcrPolicyDigest computes the PolicyPCR digest of the current PCR values in

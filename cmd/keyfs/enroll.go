@@ -281,8 +281,7 @@ func (e *enroller) importSeed(w *kubestore.Enrollment) error {
 		return err
 	}
 	own := ownPub.KID
-	seedNow, blob, err := e.g.unsealSeed(t, "master.sealed", own)
-	clear(seedNow)
+	blob, err := e.g.readBlob("master.sealed") // its PCR policy is the node's choice
 	if err != nil {
 		m.Close()
 		return err
@@ -365,7 +364,7 @@ func (e *enroller) wrap(cur *keystore.PublicKey, ek []byte) (*tpm.Wrapped, error
 		return nil, err
 	}
 	defer t.Close()
-	seed, _, err := e.g.unsealSeed(t, e.g.masterFile(cur.KID), cur.KID)
+	seed, err := e.g.unsealSeed(t, e.g.masterFile(cur.KID), cur.KID)
 	if err != nil {
 		return nil, err
 	}

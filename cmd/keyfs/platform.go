@@ -111,15 +111,11 @@ within a second. Every open is written to the audit log.`,
 			select {
 			case s := <-sig:
 				log.Info("unmounting", "signal", s.String())
+				// Unmount returns once this namespace's mount is gone; a
+				// copy another namespace holds (a container's bind) ends
+				// with this process.
 				if err := srv.Unmount(); err != nil {
 					return fmt.Errorf("unmount %s: %w (if it stays busy, close what is reading it and run keyfs mount again to clean up)", mnt, err)
-				}
-				// A copy in another mount namespace (a container's bind
-				// mount) keeps the connection open: exiting closes it.
-				select {
-				case <-done:
-				case <-time.After(2 * time.Second):
-					log.Warn("another mount namespace still holds the view: exiting ends it (readers there see ENOTCONN until keyfs mounts again)")
 				}
 			case <-done:
 				log.Warn("the mount went away (unmounted from outside)", "mountpoint", mnt)

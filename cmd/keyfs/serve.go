@@ -119,6 +119,12 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 				al.Log(g.lifecycleEvent(audit.Event{Event: "policy", Reason: "reloaded " + policyPath}))
 			})
 
+			// The CSI socket first: /healthz, /metrics and kubelet's
+			// registration say the driver is there only once it is.
+			csiLn, err := d.Listen(endpoint)
+			if err != nil {
+				return err
+			}
 			ln, err := net.Listen("tcp", metricsAddr)
 			if err != nil {
 				return fmt.Errorf("--metrics-addr %s: %w", metricsAddr, err)
@@ -146,7 +152,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 			}
 			log.Info("serving", "driver", driver.DriverName, "version", version(), "node", nodeID, "kid", key.KID(),
 				"endpoint", endpoint, "metrics", ln.Addr().String(), "policy", policyPath, "default_rule", defaultRule)
-			err = d.Serve(ctx, endpoint)
+			err = d.Serve(ctx, csiLn)
 			log.Info("stopped")
 			if errors.Is(err, context.Canceled) {
 				return nil

@@ -144,25 +144,40 @@ func (g *globals) fetchMaster(kid string) (*keystore.MasterKey, error) {
 // unsealFile unseals the master seed in the TPM blob file name and checks
 // that it derives master kid.
 func (g *globals) unsealFile(t *tpm.TPM, name, kid string) (*keystore.MasterKey, error) {
-	seed, _, err := g.unsealSeed(t, name, kid)
-	if err != nil {
-		return nil, err
-	}
-	defer clear(seed)
-	return keystore.NewMasterKey(seed)
+	seed, m, err := g.unsealMaster(t, name, kid)
+	clear(seed)
+	return m, err
 }
 
-// unsealSeed unseals the master seed in the TPM blob file name, checks
-// that it derives master kid, and returns it with the blob. The caller
-// wipes the seed.
-func (g *globals) unsealSeed(t *tpm.TPM, name, kid string) ([]byte, *tpm.Blob, error) {
+// unsealSeed is unsealFile's seed, for wrapping it to another TPM. The
+// caller wipes it.
+func (g *globals) unsealSeed(t *tpm.TPM, name, kid string) ([]byte, error) {
+	seed, m, err := g.unsealMaster(t, name, kid)
+	if m != nil {
+		m.Close()
+	}
+	return seed, err
+}
+
+// readBlob reads and parses the TPM blob file name of the state.
+func (g *globals) readBlob(name string) (*tpm.Blob, error) {
 	b, err := os.ReadFile(g.path(name))
 	if err != nil {
-		return nil, nil, g.noState(err)
+		return nil, g.noState(err)
 	}
 	blob, err := tpm.ParseBlob(b)
 	if err != nil {
-		return nil, nil, fmt.Errorf("%s: %w: %w", g.path(name), keystore.ErrIntegrity, err)
+		return nil, fmt.Errorf("%s: %w: %w", g.path(name), keystore.ErrIntegrity, err)
+	}
+	return blob, nil
+}
+
+// unsealMaster unseals the master seed in the TPM blob file name and
+// checks that it derives master kid: the seed and the master.
+func (g *globals) unsealMaster(t *tpm.TPM, name, kid string) ([]byte, *keystore.MasterKey, error) {
+	blob, err := g.readBlob(name)
+	if err != nil {
+		return nil, nil, err
 	}
 	unpinned := blob.SRKName == nil
 	seed, err := t.Unseal(blob)
@@ -177,13 +192,13 @@ func (g *globals) unsealSeed(t *tpm.TPM, name, kid string) ([]byte, *tpm.Blob, e
 		clear(seed)
 		return nil, nil, err
 	}
-	defer m.Close()
 	if m.KID() != kid {
+		m.Close()
 		clear(seed)
 		return nil, nil, fmt.Errorf("%w: %s holds kid %s but its public key is kid %s: the state directory mixes two masters; restore both files from the same backup",
 			keystore.ErrIntegrity, name, m.KID(), kid)
 	}
-	return seed, blob, nil
+	return seed, m, nil
 }
 
 // pinSRK saves a blob written before SRK pinning with the SRK it just

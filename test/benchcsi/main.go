@@ -86,7 +86,10 @@ func runDaemon() int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	err = d.Serve(ctx, "unix://"+os.Getenv("BENCH_SOCK"))
+	l, err := d.Listen("unix://" + os.Getenv("BENCH_SOCK"))
+	if err == nil {
+		err = d.Serve(ctx, l)
+	}
 	d.Close()
 	if err != nil {
 		log.Error("serve", "err", err)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -44,14 +43,7 @@ var (
 // keyfsCluster runs the host keyfs against the API as the admin: no state,
 // no TPM, as from a laptop.
 func (h *harness) keyfsCluster(stdin string, args ...string) (string, error) {
-	cmd := exec.Command(h.keyfsBin, append([]string{"--store=kubernetes", "--kubeconfig=" + h.path("pki", "admin.kubeconfig"), "--state=" + h.path("no-state")}, args...)...)
-	cmd.Stdin = strings.NewReader(stdin)
-	var out, errb strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("keyfs %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
-	}
-	return out.String(), nil
+	return h.runKeyfs(stdin, append([]string{"--store=kubernetes", "--kubeconfig=" + h.path("pki", "admin.kubeconfig"), "--state=" + h.path("no-state")}, args...)...)
 }
 
 func (h *harness) clusterDeploy(ctx context.Context) (string, error) {

@@ -125,12 +125,20 @@ func sum(v string) string {
 // keyfs runs the host keyfs binary (the one in the image) on the state
 // directory the DaemonSet uses: put seals with master.pub, no TPM needed.
 func (h *harness) keyfs(stdin string, args ...string) error {
-	cmd := exec.Command(h.keyfsBin, append([]string{"--state=" + h.stateDir()}, args...)...)
+	_, err := h.runKeyfs(stdin, append([]string{"--state=" + h.stateDir()}, args...)...)
+	return err
+}
+
+// runKeyfs runs the host keyfs binary and returns its stdout.
+func (h *harness) runKeyfs(stdin string, args ...string) (string, error) {
+	cmd := exec.Command(h.keyfsBin, args...)
 	cmd.Stdin = strings.NewReader(stdin)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("keyfs %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return "", fmt.Errorf("keyfs %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
 	}
-	return nil
+	return out.String(), nil
 }
 
 func (h *harness) auditEvents() ([]audit.Event, error) {
