@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/internal/fusetest"
 	"github.com/keyfs/keyfs/keystore"
@@ -269,7 +270,7 @@ func keyfsMounts(t testing.TB, dir string) []string {
 	}
 	var out []string
 	for _, m := range ms {
-		if m.FSType == fsType {
+		if m.FSType == fusefs.FSType {
 			out = append(out, m.Mountpoint)
 		}
 	}

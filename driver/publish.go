@@ -10,7 +10,6 @@ import (
 	"syscall"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -18,9 +17,6 @@ import (
 	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/internal/audit"
 )
-
-// fsType is how a keyfs mount shows in /proc/self/mountinfo.
-const fsType = "fuse.keyfs"
 
 var errTargetGone = errors.New("target directory is gone")
 
@@ -180,7 +176,7 @@ func (d *Driver) mountOptions(rec volumeRecord, params volumeParams) fusefs.Opti
 // holds the volume lock and the volume is not in d.vols): a previous
 // daemon left it, dead. It is detached; any other mount is refused.
 func prepareTarget(target string, create bool) (made bool, err error) {
-	if err := detachLeftover(target); err != nil {
+	if _, err := fusefs.DetachLeftover(target); err != nil {
 		return false, &prepareError{err}
 	}
 	fi, err := os.Stat(target)
@@ -198,35 +194,6 @@ func prepareTarget(target string, create bool) (made bool, err error) {
 		return false, &prepareError{fmt.Errorf("target %s is not a directory", target)}
 	}
 	return false, nil
-}
-
-// detachLeftover detaches the keyfs mounts at target that this process
-// does not serve, found in /proc/self/mountinfo without touching target: a
-// dead one a killed daemon left, or a live one of an old daemon that is
-// still shutting down. Other filesystems are refused.
-func detachLeftover(target string) error {
-	for range 16 { // a crash-looping daemon may have stacked several
-		m, err := mountAt(target)
-		if err != nil || m == nil {
-			return err
-		}
-		if m.FSType != fsType {
-			return fmt.Errorf("target %s has a %s mount that keyfs did not make; not touching it", target, m.FSType)
-		}
-		if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
-			return fmt.Errorf("detach leftover mount %s: %w", target, err)
-		}
-	}
-	return fmt.Errorf("target %s: cannot clear its mounts", target)
-}
-
-// mountAt returns the topmost mount at exactly path, or nil.
-func mountAt(path string) (*mountinfo.Info, error) {
-	ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(path))
-	if err != nil || len(ms) == 0 {
-		return nil, err
-	}
-	return ms[len(ms)-1], nil
 }
 
 func (d *Driver) reserve(target, volumeID string) bool {
@@ -292,7 +259,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, r *csi.NodeUnpublishVo
 		d.mu.Unlock()
 		d.m.mounted.Dec()
 	} else {
-		if err := detachLeftover(target); err != nil {
+		if _, err := fusefs.DetachLeftover(target); err != nil {
 			return nil, d.fail("unmount", codes.Internal, "%v", err)
 		}
 	}

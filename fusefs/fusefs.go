@@ -8,15 +8,14 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
-	"os"
+	"math/rand/v2"
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/keyfs/keyfs/internal/audit"
@@ -47,7 +46,7 @@ type Options struct {
 	FileMode uint32 // read bits of key files (ParseFileMode's rule); 0 means 0444
 
 	// ReadsOwnMount is for tests and benchmarks whose process reads the
-	// mount it serves; see Mount. Daemons leave it false.
+	// mount it serves; see Server.start. Daemons leave it false.
 	ReadsOwnMount bool
 
 	// Pod identifies the pod this mount serves; its pod fields are
@@ -61,7 +60,8 @@ type Options struct {
 	// the record from being read or opened (keystore.ErrIntegrity, ...).
 	OnRead func(tenant string, d time.Duration, err error)
 
-	debugLog *log.Logger // tests: trace FUSE traffic
+	debugLog *log.Logger      // tests: trace FUSE traffic
+	onRead   func(key string) // tests: called before a READ is answered
 }
 
 // ErrAuditFailed marks an open refused because its audit event could not
@@ -78,31 +78,26 @@ type Server struct {
 	o     Options
 	log   *slog.Logger
 	keys  map[string]bool // nil: every name
-	fuse  *fuse.Server
-	root  *rootNode
+	conn  *conn
 	mtime time.Time // of directories: the mount time
 
 	// snap is the store snapshot this mount shows: the kernel was told of
 	// every difference between it and the ones before.
 	snap    atomic.Pointer[keystore.Snapshot]
 	callers callers
+	nodes   nodeTable
+	handles handles
 
 	refreshMu sync.Mutex      // one refresh at a time
 	changed   map[string]bool // tenants whose keys changed in the last refresh
 
-	inoMu   sync.Mutex
-	inos    map[string]uint64
-	nextIno uint64
-
-	served   chan struct{} // closed when the serve loop ends
+	served   chan struct{} // closed when the connection ended
 	stop     chan struct{}
 	stopOnce sync.Once
 	watching sync.WaitGroup
 }
 
-// Mount mounts a read-only view of o.Store at mountpoint and serves it until
-// Unmount.
-func Mount(mountpoint string, o Options) (*Server, error) {
+func newServer(o Options) (*Server, error) {
 	if o.Store == nil || o.Key == nil {
 		return nil, errors.New("fusefs: Options.Store and Options.Key are required")
 	}
@@ -113,14 +108,14 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 		return nil, fmt.Errorf("fusefs: %w", err)
 	}
 	s := &Server{
-		o:       o,
-		log:     o.Log,
-		mtime:   time.Now(),
-		inos:    map[string]uint64{},
-		nextIno: 2, // 1 is the root
-		stop:    make(chan struct{}),
-		served:  make(chan struct{}),
+		o:      o,
+		log:    o.Log,
+		mtime:  time.Now(),
+		stop:   make(chan struct{}),
+		served: make(chan struct{}),
 	}
+	// A successor's file handles must not collide with its predecessor's.
+	s.handles.next = rand.Uint32()
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -132,62 +127,125 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	}
 	// A view starts from the store as it is now, not as last polled.
 	if err := o.Store.Refresh(); err != nil {
-		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+		return nil, err
 	}
 	s.snap.Store(o.Store.Snapshot())
+	return s, nil
+}
 
-	s.root = &rootNode{s: s}
-	timeout := cacheTimeout
-	raw := fs.NewNodeFS(s.root, &fs.Options{
-		EntryTimeout: &timeout,
-		AttrTimeout:  &timeout,
-		// No NegativeTimeout: a name that appears needs no notification.
-		NullPermissions: true,
-	})
-	srv, err := fuse.NewServer(readOnly{raw}, mountpoint, &fuse.MountOptions{
-		AllowOther: true, // pods run as other uids
-		FsName:     "keyfs",
-		Name:       "keyfs",
-		// default_permissions: the kernel enforces FileMode/UID/GID.
-		Options:       []string{"ro", "default_permissions"},
-		DisableXAttrs: true,
-		// Plaintext must not pass through pipe buffers.
-		DisableSplice: true,
-		DirectMount:   true,
-		Debug:         o.debugLog != nil,
-		Logger:        o.debugLog,
-	})
+func (s *Server) mountOptions() *fuse.MountOptions {
+	return &fuse.MountOptions{
+		Name:               "keyfs",
+		MaxWrite:           maxWrite,
+		DisableXAttrs:      true,
+		DisableReadDirPlus: true, // entries come from LOOKUP, which counts references
+		Debug:              s.o.debugLog != nil,
+		Logger:             s.o.debugLog,
+	}
+}
+
+func (s *Server) fs() fuse.RawFileSystem {
+	return readOnly{&rawFS{RawFileSystem: fuse.NewDefaultRawFileSystem(), s: s}}
+}
+
+// Mount mounts a read-only view of o.Store at mountpoint and serves it until
+// Unmount.
+func Mount(mountpoint string, o Options) (*Server, error) {
+	s, err := newServer(o)
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
-	// go-fuse's direct mount opens /dev/fuse without O_CLOEXEC; a child
-	// started later would inherit the connection and keep a killed
-	// server's mount hanging instead of failing with ENOTCONN.
-	for _, fd := range fuseFDs() {
-		syscall.CloseOnExec(fd)
+	c, err := mountConn(mountpoint, s.fs(), s.mountOptions(), s.log)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
-	s.fuse = srv
+	s.start(c)
+	return s, nil
+}
+
+// Resume serves a view another process mounted and stopped serving (it
+// exited, or was killed): the connection in sess, whose descriptor Resume
+// takes over. Requests the old server had taken unanswered are sent again
+// and cached names are checked again, so keys changed in the gap show.
+// o must describe the view as it was mounted.
+func Resume(sess Session, o Options) (*Server, error) {
+	s, err := newServer(o)
+	if err != nil {
+		return nil, fmt.Errorf("resume %s: %w", sess.Mountpoint, err)
+	}
+	c, err := resumeConn(sess, s.fs(), s.mountOptions(), s.log)
+	if err != nil {
+		return nil, fmt.Errorf("resume %s: %w", sess.Mountpoint, err)
+	}
+	s.seed()
+	s.start(c)
+	if err := c.notify(notifyResend); err != nil {
+		s.log.Warn("the kernel cannot resend the requests the old server took (Linux 6.9 can): their callers stay blocked",
+			"mountpoint", sess.Mountpoint, "err", err)
+	}
+	// Names the kernel cached may have changed meanwhile: make it look
+	// them up again (Linux 6.16), else invalidate what the view has now.
+	if err := c.notify(notifyIncEpoch); err != nil {
+		s.invalidateAll()
+	}
+	return s, nil
+}
+
+// seed fills the node table with every name of the view: the kernel may
+// hold any of them from the old server.
+func (s *Server) seed() {
+	snap := s.snap.Load()
+	for _, name := range snap.Tenants() {
+		t := snap.Tenant(name)
+		if !s.visible(name, t) {
+			continue
+		}
+		s.nodes.add(name, "", pinned, nil)
+		for _, k := range s.keyNames(t) {
+			s.nodes.add(name, k, pinned, t.Key(k))
+		}
+	}
+}
+
+func (s *Server) invalidateAll() {
+	for id, e := range s.nodes.all() {
+		if e.key == "" {
+			s.conn.invalEntry(rootID, e.tenant)
+		} else {
+			s.conn.invalInode(id)
+		}
+	}
+}
+
+func (s *Server) start(c *conn) {
+	s.conn = c
+	c.serve()
 	go func() {
-		srv.Serve()
+		<-c.ended
+		c.readersDone.Wait()
+		unix.Close(c.fd)
 		close(s.served)
 	}()
-	// The direct mount and INIT are done when NewServer returns; all
-	// WaitMount adds is go-fuse's poll hack, which opens a file on the mount
-	// from this process, so that the Go runtime's poller in this process
-	// cannot starve the server when this process reads the mount too. A
-	// daemon never does, and must not run the hack: killed while the file
-	// is open, the process may close it before /dev/fuse as it exits, and
-	// its FLUSH then waits forever for a server that is the dying process
-	// itself (an unkillable process and a hung mount).
-	if o.ReadsOwnMount {
-		if err := srv.WaitMount(); err != nil {
-			srv.Unmount()
-			return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	// A process that reads its own mount must first make the kernel learn
+	// that keyfs files cannot be polled: the Go runtime adds every file it
+	// opens to its epoll set, without giving up its P, and a POLL request
+	// the kernel sends then can starve the very readers that would answer
+	// it (with two Ps, or at a GC stop). A daemon never reads its own
+	// mounts and must not probe: killed while the probe's file is open,
+	// it could wait forever on its own FLUSH.
+	if s.o.ReadsOwnMount {
+		if err := c.pollProbe(); err != nil {
+			s.log.Warn("poll probe failed", "mountpoint", c.mountpoint, "err", err)
 		}
 	}
 	s.watching.Add(1)
 	go s.watch()
-	return s, nil
+}
+
+// Session returns what a successor needs to serve this view; its FD stays
+// this server's (a holder keeps a copy of it, not the descriptor itself).
+func (s *Server) Session() Session {
+	return Session{Mountpoint: s.conn.mountpoint, FD: s.conn.fd, Init: s.conn.init, Reply: s.conn.reply}
 }
 
 // unmountWait bounds how long Unmount waits for the server to stop once
@@ -202,13 +260,12 @@ func (s *Server) Unmount() error {
 	select {
 	case <-s.served: // unmounted from outside
 	default:
-		done := make(chan error, 1)
-		go func() { done <- s.fuse.Unmount() }()
+		err := unix.Unmount(s.conn.mountpoint, 0)
+		if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not mounted here any more
+			return fmt.Errorf("unmount %s: %w", s.conn.mountpoint, err)
+		}
 		select {
-		case err := <-done:
-			if err != nil {
-				return err
-			}
+		case <-s.served:
 		case <-time.After(unmountWait):
 			s.log.Warn("unmounted, but another mount namespace still holds the view; it ends with this process")
 		}
@@ -254,6 +311,8 @@ func (s *Server) watch() {
 		select {
 		case <-s.stop:
 			return
+		case <-s.served:
+			return
 		case <-s.snap.Load().Superseded():
 			s.refresh()
 		case <-again:
@@ -278,36 +337,38 @@ func (s *Server) refresh() {
 	s.invalidate(old, cur)
 }
 
-// invalidate compares what the kernel may hold (go-fuse's tree mirrors
-// the kernel's inode references) with the current truth and notifies the
-// kernel of every difference. Appearing names need nothing: failed lookups
-// are not cached. Keys are checked in tenants that changed in this refresh
-// or the one before, which catches a lookup that raced the change.
+// invalidate compares what the kernel may hold (the node table counts its
+// references) with the current truth and notifies the kernel of every
+// difference. Appearing names need nothing: failed lookups are not cached.
+// Keys are checked in tenants that changed in this refresh or the one
+// before, which catches a lookup that raced the change.
 func (s *Server) invalidate(old, cur *keystore.Snapshot) {
-	root := &s.root.Inode
 	var changed map[string]bool
-	for name, ti := range root.Children() {
-		t := cur.Tenant(name)
-		if !s.visible(name, t) {
-			root.NotifyEntry(name)
+	held := s.nodes.all()
+	for _, e := range held {
+		if e.key != "" {
+			continue
 		}
-		if t != old.Tenant(name) {
+		t := cur.Tenant(e.tenant)
+		if !s.visible(e.tenant, t) {
+			s.conn.invalEntry(rootID, e.tenant)
+		}
+		if t != old.Tenant(e.tenant) {
 			if changed == nil {
 				changed = map[string]bool{}
 			}
-			changed[name] = true
-		} else if !s.changed[name] {
+			changed[e.tenant] = true
+		}
+	}
+	for id, e := range held {
+		if e.key == "" || !changed[e.tenant] && !s.changed[e.tenant] {
 			continue
 		}
-		for key, ki := range ti.Children() {
-			v := s.key(t, key)
-			if v == nil {
-				ti.NotifyEntry(key)
-				continue
-			}
-			if kn, ok := ki.Operations().(*keyNode); ok && kn.served.Load() != v {
-				ki.NotifyContent(0, 0) // attributes (size) changed
-			}
+		v := s.key(cur.Tenant(e.tenant), e.key)
+		if v == nil {
+			s.conn.invalEntry(nodeID(e.tenant, ""), e.key)
+		} else if e.served != v {
+			s.conn.invalInode(id) // attributes (size) changed
 		}
 	}
 	s.changed = changed
@@ -317,59 +378,29 @@ func (s *Server) allow(tenant string) bool {
 	return s.o.Allow == nil || s.o.Allow(tenant)
 }
 
-// ino returns the inode number of a tenant ("t") or key ("t/name"), stable
-// for the life of the mount so the kernel's cached inodes stay valid.
-func (s *Server) ino(id string) uint64 {
-	s.inoMu.Lock()
-	defer s.inoMu.Unlock()
-	n, ok := s.inos[id]
-	if !ok {
-		n = s.nextIno
-		s.nextIno++
-		s.inos[id] = n
-	}
-	return n
-}
-
-// CleanStale detaches a mount left at mountpoint by a killed keyfs and
-// reports whether it did. A dead mount answers ENOTCONN; statfs always asks
-// the (gone) server, where stat may be answered from cached attributes.
-func CleanStale(mountpoint string) (bool, error) {
-	var st unix.Statfs_t
-	err := unix.Statfs(mountpoint, &st)
-	if err == nil {
-		_, err = os.Stat(mountpoint)
-	}
-	if err == nil || errors.Is(err, os.ErrNotExist) {
-		return false, nil
-	}
-	if !errors.Is(err, syscall.ENOTCONN) {
-		return false, fmt.Errorf("check %s for a stale mount: %w", mountpoint, err)
-	}
-	if err := unix.Unmount(mountpoint, unix.MNT_DETACH); err != nil {
-		return false, fmt.Errorf("detach stale mount %s: %w", mountpoint, err)
-	}
-	return true, nil
-}
-
-// fuseFDs lists this process's /dev/fuse descriptors.
-func fuseFDs() []int {
-	des, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return nil
-	}
-	var fds []int
-	for _, de := range des {
-		fd, err := strconv.Atoi(de.Name())
-		if err != nil {
-			continue
+// DetachLeftover detaches the keyfs mounts at target that no server of
+// this process holds, and says how many it detached: a dead one a killed
+// keyfs left, or a live one of an old keyfs still shutting down. It reads
+// the mount table only: a stat or statfs of a dead mount may hang. A mount
+// of another file system is refused.
+func DetachLeftover(target string) (int, error) {
+	for n := range 16 { // a crash-looping daemon may have stacked several
+		ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(target))
+		if err != nil || len(ms) == 0 {
+			return n, err
 		}
-		if target, err := os.Readlink("/proc/self/fd/" + de.Name()); err == nil && target == "/dev/fuse" {
-			fds = append(fds, fd)
+		if m := ms[len(ms)-1]; m.FSType != FSType {
+			return n, fmt.Errorf("%s has a %s mount that keyfs did not make; not touching it", target, m.FSType)
+		}
+		if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {
+			return n, fmt.Errorf("detach leftover mount %s: %w", target, err)
 		}
 	}
-	return fds
+	return 16, fmt.Errorf("%s: cannot clear its mounts", target)
 }
+
+// FSType is how a keyfs mount shows in the mount table.
+const FSType = "fuse.keyfs"
 
 // ParseFileMode parses an octal file mode for a view's keys: read bits
 // only, and at least one of them.

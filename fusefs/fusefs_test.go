@@ -35,6 +35,7 @@ type env struct {
 	store *keystore.Dir
 	index *keystore.DirIndex // what mounts show
 	key   *keystore.MasterKey
+	seed  []byte // key's
 	audit string // audit log path
 	log   *audit.Logger
 	logs  syncbuf.Buffer // the mounts' log lines
@@ -55,7 +56,7 @@ func newEnv(t testing.TB) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, store: d, key: m, audit: filepath.Join(dir, "audit.log")}
+	e := &env{t: t, store: d, key: m, seed: seed, audit: filepath.Join(dir, "audit.log")}
 	if e.index, err = keystore.WatchDir(d, 0, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -716,8 +717,8 @@ func TestPlaintextWiped(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := &handle{v: &keystore.Key{Entry: keystore.Entry{Tenant: "acme", Name: "openai", Version: 1}}, rec: rec, key: m, pt: pt}
-	head, _ := h.Read(t.Context(), make([]byte, 4), 0)
-	tail, _ := h.Read(t.Context(), make([]byte, 100), 4)
+	head, _ := h.read(0, 4)
+	tail, _ := h.read(4, 100)
 	tail.Done()
 	if string(pt) != "0123456789" {
 		t.Fatal("wiped while a reply still refers to it")
@@ -730,31 +731,32 @@ func TestPlaintextWiped(t *testing.T) {
 		t.Fatalf("plaintext not wiped after the last reply: %q", pt)
 	}
 	// Reading again decrypts again; release wipes.
-	r, _ := h.Read(t.Context(), make([]byte, 3), 0)
+	r, _ := h.read(0, 3)
 	again := h.pt
 	if b, _ := r.(*reply).Slices(); string(b[0]) != "012" {
 		t.Fatalf("re-read = %q", b[0])
 	}
 	r.Done()
-	h.Release(t.Context())
+	h.release()
 	if !bytes.Equal(again, make([]byte, 10)) || h.pt != nil {
 		t.Fatalf("plaintext not wiped on release: %q", again)
 	}
-	if eof, _ := h.Read(t.Context(), make([]byte, 3), 10); eof.Size() != 0 {
+	if eof, _ := h.read(10, 3); eof.Size() != 0 {
 		t.Fatal("read at EOF returned data")
 	}
 }
 
-// TestCleanStale kills a process serving a mount and cleans what it left.
-func TestCleanStale(t *testing.T) {
+// TestDetachLeftover kills a process serving a mount and cleans what it
+// left, by the mount table alone.
+func TestDetachLeftover(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "v")
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if cleaned, err := CleanStale(mnt); cleaned || err != nil {
-		t.Fatalf("CleanStale on a plain dir = %v, %v", cleaned, err)
+	if n, err := DetachLeftover(mnt); n != 0 || err != nil {
+		t.Fatalf("DetachLeftover on a plain dir = %v, %v", n, err)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^TestMountAndHang$")
 	cmd.Env = append(os.Environ(), "KEYFS_TEST_MOUNT_AND_HANG="+e.store.Root()+"|"+mnt)
@@ -781,22 +783,22 @@ func TestCleanStale(t *testing.T) {
 	if _, err := os.ReadDir(mnt); !errors.Is(err, syscall.ENOTCONN) {
 		t.Fatalf("listing a dead mount: %v, want ENOTCONN", err)
 	}
-	if cleaned, err := CleanStale(mnt); !cleaned || err != nil {
-		t.Fatalf("CleanStale = %v, %v; want true", cleaned, err)
+	if n, err := DetachLeftover(mnt); n != 1 || err != nil {
+		t.Fatalf("DetachLeftover = %v, %v; want 1", n, err)
 	}
 	if _, err := os.Stat(mnt); err != nil {
-		t.Fatalf("after CleanStale, stat: %v", err)
+		t.Fatalf("after DetachLeftover, stat: %v", err)
 	}
-	if cleaned, err := CleanStale(mnt); cleaned || err != nil {
-		t.Fatalf("second CleanStale = %v, %v", cleaned, err)
+	if n, err := DetachLeftover(mnt); n != 0 || err != nil {
+		t.Fatalf("second DetachLeftover = %v, %v", n, err)
 	}
 }
 
-// TestMountAndHang is the helper process of TestCleanStale.
+// TestMountAndHang is the helper process of TestDetachLeftover.
 func TestMountAndHang(t *testing.T) {
 	arg := os.Getenv("KEYFS_TEST_MOUNT_AND_HANG")
 	if arg == "" {
-		return // a helper process for TestCleanStale, not a test
+		return // a helper process for TestDetachLeftover, not a test
 	}
 	root, mnt, _ := strings.Cut(arg, "|")
 	d, err := keystore.OpenDir(root)
@@ -827,8 +829,8 @@ type opLog struct {
 func (l *opLog) Write(p []byte) (int, error) {
 	// "rx 24: READ n3 {...}". INTERRUPT is the Go runtime's preemption
 	// signal hitting this process's read, not a request keyfs causes; node
-	// 2^64-1 is go-fuse's own epoll probe at mount time, whose RELEASE
-	// arrives whenever it does.
+	// 2^64-1 is the poll probe at mount time, whose RELEASE arrives
+	// whenever it does.
 	if f := strings.Fields(string(p)); len(f) >= 4 && f[0] == "rx" && f[2] != "INTERRUPT" && f[3] != "n18446744073709551615" {
 		if f[2] == "RELEASE" {
 			defer l.releases.Add(1)

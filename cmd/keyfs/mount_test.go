@@ -61,7 +61,7 @@ func TestMountLifecycle(t *testing.T) {
 		t.Fatalf("after kill -9, statfs %s = %v, want ENOTCONN (a dead FUSE mount)", mnt, err)
 	}
 	cmd, stderr = c.startMount(mnt, "acme/openai")
-	if !logged(stderr, "stale") {
+	if !logged(stderr, "detached a keyfs mount") {
 		t.Errorf("restart did not report the stale mount it cleaned: %s", stderr.String())
 	}
 	cmd.Process.Signal(syscall.SIGTERM)

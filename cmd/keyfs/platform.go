@@ -69,10 +69,10 @@ within a second. Every open is written to the audit log.`,
 			if _, err := hardenProcess(log, "mount", allowUnprotected); err != nil {
 				return err
 			}
-			if cleaned, err := fusefs.CleanStale(mnt); err != nil {
-				return fmt.Errorf("%s: %w", mnt, err)
-			} else if cleaned {
-				log.Warn("removed a stale keyfs mount left by a killed process", "mountpoint", mnt)
+			if n, err := fusefs.DetachLeftover(mnt); err != nil {
+				return err
+			} else if n > 0 {
+				log.Warn("detached a keyfs mount a killed process left", "mountpoint", mnt)
 			}
 			if err := os.MkdirAll(mnt, 0o755); err != nil {
 				return err

@@ -1,0 +1,289 @@
+package fusefs
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"unsafe"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// A connection is served by keyfs's own read loop over go-fuse's
+// ProtocolServer rather than by fuse.Server, because a successor must be
+// able to take over a live /dev/fuse descriptor: fuse.Server always reads
+// INIT itself and would swallow the first real request as INIT.
+
+// maxWrite bounds a request (and the max_read mount option); keys are
+// small, and the kernel insists on a read buffer this large plus headers.
+const maxWrite = 128 << 10
+
+const bufSize = maxWrite + 4096
+
+// maxReaders bounds the goroutines blocked reading the connection.
+const maxReaders = 16
+
+// Kernel notification codes (include/uapi/linux/fuse.h).
+const (
+	notifyInvalInode = 2
+	notifyInvalEntry = 3
+	notifyResend     = 7 // Linux 6.9
+	notifyIncEpoch   = 8 // Linux 6.16
+)
+
+// resendBit marks a request the kernel sent again after NOTIFY_RESEND.
+const resendBit = 1 << 63
+
+// conn is one FUSE connection and its readers.
+type conn struct {
+	fd         int
+	mountpoint string
+	ps         *fuse.ProtocolServer
+	init       []byte // the kernel's INIT request
+	reply      []byte // the INIT reply the connection was made with
+	log        *slog.Logger
+
+	mu            sync.Mutex
+	readers, idle int
+
+	readersDone sync.WaitGroup
+	ended       chan struct{} // closed once the kernel ended the connection
+	endOnce     sync.Once
+}
+
+// mountConn mounts a FUSE file system served by fs at mountpoint and
+// answers the kernel's INIT.
+func mountConn(mountpoint string, fs fuse.RawFileSystem, mo *fuse.MountOptions, log *slog.Logger) (*conn, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(mountpoint, &st); err != nil {
+		return nil, err
+	}
+	fd, err := unix.Open("/dev/fuse", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open /dev/fuse: %w (load the fuse module, or give the container /dev/fuse)", err)
+	}
+	data := strings.Join([]string{
+		fmt.Sprintf("fd=%d", fd),
+		fmt.Sprintf("rootmode=%o", st.Mode&unix.S_IFMT),
+		fmt.Sprintf("user_id=%d", os.Geteuid()),
+		fmt.Sprintf("group_id=%d", os.Getegid()),
+		fmt.Sprintf("max_read=%d", maxWrite),
+		"allow_other",         // pods run as other uids
+		"default_permissions", // the kernel enforces mode and owner
+	}, ",")
+	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC | unix.MS_RDONLY)
+	if err := unix.Mount("keyfs", mountpoint, "fuse.keyfs", flags, data); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	c := newConn(fd, mountpoint, fs, mo, log)
+	fail := func(err error) (*conn, error) {
+		unix.Unmount(mountpoint, unix.MNT_DETACH)
+		unix.Close(fd)
+		return nil, err
+	}
+	in := make([]byte, bufSize)
+	n, err := readRequest(fd, in)
+	if err != nil {
+		return fail(fmt.Errorf("read INIT: %w", err))
+	}
+	c.init = bytes.Clone(in[:n])
+	out := make([]byte, bufSize)
+	m, st2 := c.ps.HandleRequest([][]byte{c.init}, [][]byte{out})
+	if !st2.Ok() || m == 0 {
+		return fail(fmt.Errorf("answer INIT: %v", st2))
+	}
+	c.reply = bytes.Clone(out[:m])
+	if _, err := unix.Write(fd, c.reply); err != nil {
+		return fail(fmt.Errorf("write INIT reply: %w", err))
+	}
+	return c, nil
+}
+
+func newConn(fd int, mountpoint string, fs fuse.RawFileSystem, mo *fuse.MountOptions, log *slog.Logger) *conn {
+	return &conn{
+		fd:         fd,
+		mountpoint: mountpoint,
+		ps:         fuse.NewProtocolServer(fs, mo),
+		log:        log,
+		ended:      make(chan struct{}),
+	}
+}
+
+// resumeConn takes over a connection another process mounted: it replays
+// the saved INIT, so the protocol server parses requests as negotiated,
+// and refuses if this server would have negotiated differently.
+func resumeConn(sess Session, fs fuse.RawFileSystem, mo *fuse.MountOptions, log *slog.Logger) (*conn, error) {
+	unix.CloseOnExec(sess.FD)
+	c := newConn(sess.FD, sess.Mountpoint, fs, mo, log)
+	c.init, c.reply = sess.Init, sess.Reply
+	out := make([]byte, bufSize)
+	m, st := c.ps.HandleRequest([][]byte{bytes.Clone(sess.Init)}, [][]byte{out})
+	if !st.Ok() {
+		return nil, fmt.Errorf("replay INIT: %v", st)
+	}
+	if !bytes.Equal(out[:m], sess.Reply) {
+		return nil, fmt.Errorf("this keyfs would negotiate %s, the connection was made with %s: "+
+			"run the version that mounted it, or restart the pods that read it", describeInit(out[:m]), describeInit(sess.Reply))
+	}
+	return c, nil
+}
+
+// describeInit summarizes an INIT reply for an error message.
+func describeInit(reply []byte) string {
+	const hdr = int(unsafe.Sizeof(fuse.OutHeader{}))
+	var o fuse.InitOut
+	if len(reply) < hdr {
+		return "nothing"
+	}
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(&o)), unsafe.Sizeof(o)), reply[hdr:])
+	return fmt.Sprintf("protocol 7.%d, flags %#x, max_write %d, max_pages %d", o.Minor, o.Flags64(), o.MaxWrite, o.MaxPages)
+}
+
+func readRequest(fd int, buf []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, buf)
+		// EINTR: a signal; ENOENT: the request was interrupted before
+		// we read it; EAGAIN: another reader took it.
+		if err == unix.EINTR || err == unix.ENOENT || err == unix.EAGAIN {
+			continue
+		}
+		return n, err
+	}
+}
+
+// serve starts the read loop; readers are added while all are busy.
+func (c *conn) serve() {
+	c.mu.Lock()
+	c.spawnLocked()
+	c.mu.Unlock()
+}
+
+func (c *conn) spawnLocked() {
+	c.readers++
+	c.idle++
+	c.readersDone.Add(1)
+	go c.loop()
+}
+
+func (c *conn) loop() {
+	defer c.readersDone.Done()
+	in := make([]byte, bufSize)
+	out := make([]byte, bufSize)
+	for {
+		n, err := readRequest(c.fd, in)
+		if err != nil {
+			// ENODEV: unmounted, the connection is over.
+			if err != unix.ENODEV {
+				c.log.Error("read FUSE request", "mountpoint", c.mountpoint, "err", err)
+			}
+			c.endOnce.Do(func() { close(c.ended) })
+			return
+		}
+		c.mu.Lock()
+		c.idle--
+		if c.idle == 0 && c.readers < maxReaders {
+			c.spawnLocked()
+		}
+		c.mu.Unlock()
+		m, st := c.ps.HandleRequest([][]byte{in[:n]}, [][]byte{out})
+		if st.Ok() && m > 0 {
+			// ENOENT: the request was interrupted meanwhile.
+			if _, err := unix.Write(c.fd, out[:m]); err != nil && err != unix.ENOENT {
+				c.log.Debug("write FUSE reply", "mountpoint", c.mountpoint, "err", err)
+			}
+		}
+		clear(out[:m]) // a READ reply held plaintext
+		c.mu.Lock()
+		c.idle++
+		c.mu.Unlock()
+	}
+}
+
+// pollProbe polls a file on the mount once, so that the kernel gets
+// ENOSYS and never sends POLL again on this connection. go-fuse's protocol
+// server answers for its probe file itself.
+func (c *conn) pollProbe() error {
+	fd, err := unix.Open(filepath.Join(c.mountpoint, ".go-fuse-epoll-hack"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	_, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+	return err
+}
+
+// notify writes a notification; the kernel answers ENOENT for an entry or
+// inode it does not hold, which is not an error here.
+func (c *conn) notify(code int32, payload ...[]byte) error {
+	size := int(unsafe.Sizeof(fuse.OutHeader{}))
+	for _, p := range payload {
+		size += len(p)
+	}
+	h := fuse.OutHeader{Length: uint32(size), Status: code}
+	iov := append([][]byte{unsafe.Slice((*byte)(unsafe.Pointer(&h)), unsafe.Sizeof(h))}, payload...)
+	_, err := unix.Writev(c.fd, iov)
+	if err == unix.ENOENT {
+		return nil
+	}
+	return err
+}
+
+func (c *conn) invalEntry(parent uint64, name string) error {
+	var p [16]byte
+	binary.NativeEndian.PutUint64(p[0:], parent)
+	binary.NativeEndian.PutUint32(p[8:], uint32(len(name)))
+	return c.notify(notifyInvalEntry, p[:], append([]byte(name), 0))
+}
+
+func (c *conn) invalInode(ino uint64) error {
+	var p [24]byte // ino, offset 0, length 0: attributes and all data
+	binary.NativeEndian.PutUint64(p[0:], ino)
+	return c.notify(notifyInvalInode, p[:])
+}
+
+// Session is what a successor needs to serve a view another process
+// mounted: the connection's /dev/fuse descriptor, and the INIT exchange
+// the kernel had with the first server (the kernel sends INIT once).
+type Session struct {
+	Mountpoint  string
+	FD          int
+	Init, Reply []byte
+}
+
+const sessionMagic = "keyfs-fuse-session v1\n"
+
+// MarshalState encodes everything of the session but its descriptor.
+func (s Session) MarshalState() []byte {
+	b := []byte(sessionMagic)
+	for _, f := range [][]byte{[]byte(s.Mountpoint), s.Init, s.Reply} {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(f)))
+		b = append(b, f...)
+	}
+	return b
+}
+
+// ParseSession decodes MarshalState's form; fd is the descriptor that came
+// with it.
+func ParseSession(state []byte, fd int) (Session, error) {
+	rest, ok := bytes.CutPrefix(state, []byte(sessionMagic))
+	if !ok {
+		return Session{}, errors.New("not a keyfs FUSE session")
+	}
+	var f [3][]byte
+	for i := range f {
+		if len(rest) < 4 || uint32(len(rest)-4) < binary.BigEndian.Uint32(rest) {
+			return Session{}, errors.New("truncated keyfs FUSE session")
+		}
+		n := binary.BigEndian.Uint32(rest)
+		f[i], rest = bytes.Clone(rest[4:4+n]), rest[4+n:]
+	}
+	return Session{Mountpoint: string(f[0]), FD: fd, Init: f[1], Reply: f[2]}, nil
+}

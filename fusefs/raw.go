@@ -1,0 +1,367 @@
+package fusefs
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/keystore"
+)
+
+// rawFS answers the kernel for one view. It keeps no state the kernel
+// depends on that a successor could not rebuild: node ids are hashes of
+// names (nodeID), file handles name the version they read.
+type rawFS struct {
+	fuse.RawFileSystem // ENOSYS for everything not below
+	s                  *Server
+}
+
+func (fs *rawFS) String() string { return "keyfs" }
+
+func (fs *rawFS) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	s := fs.s
+	if h.NodeId == rootID {
+		if s.visibleTenant(name) == nil {
+			return fuse.ENOENT
+		}
+		id, ok := s.nodes.add(name, "", 1, nil)
+		if !ok {
+			return s.collision(name, "")
+		}
+		out.NodeId, out.Attr.Ino = id, id
+		s.dirAttr(&out.Attr)
+	} else {
+		e, ok := s.nodes.get(h.NodeId)
+		if !ok || e.key != "" {
+			return fuse.ENOENT
+		}
+		v := s.key(s.visibleTenant(e.tenant), name)
+		if v == nil {
+			return fuse.ENOENT
+		}
+		id, ok := s.nodes.add(e.tenant, name, 1, v)
+		if !ok {
+			return s.collision(e.tenant, name)
+		}
+		out.NodeId, out.Attr.Ino = id, id
+		s.fileAttr(v, &out.Attr)
+	}
+	out.SetEntryTimeout(cacheTimeout)
+	out.SetAttrTimeout(cacheTimeout)
+	return fuse.OK
+}
+
+func (s *Server) collision(tenant, key string) fuse.Status {
+	s.log.Error("node id collision: this name cannot be served in this view", "tenant", tenant, "key", key)
+	return fuse.EIO
+}
+
+func (fs *rawFS) Forget(id, n uint64) { fs.s.nodes.forget(id, n) }
+
+func (fs *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
+	s := fs.s
+	out.SetTimeout(cacheTimeout)
+	if in.NodeId == rootID {
+		s.dirAttr(&out.Attr)
+		out.Ino = rootID
+		return fuse.OK
+	}
+	e, ok := s.nodes.get(in.NodeId)
+	if !ok {
+		return fuse.ENOENT
+	}
+	out.Ino = in.NodeId
+	if e.key == "" {
+		if s.visibleTenant(e.tenant) == nil {
+			return fuse.ENOENT
+		}
+		s.dirAttr(&out.Attr)
+		return fuse.OK
+	}
+	if in.Flags()&fuse.FUSE_GETATTR_FH != 0 {
+		if h := s.handles.get(in.Fh()); h != nil {
+			s.fileAttr(h.v, &out.Attr) // fstat describes what the fd reads
+			s.nodes.setServed(in.NodeId, h.v)
+			return fuse.OK
+		}
+	}
+	v := s.key(s.visibleTenant(e.tenant), e.key)
+	if v == nil {
+		return fuse.ENOENT
+	}
+	s.fileAttr(v, &out.Attr)
+	s.nodes.setServed(in.NodeId, v)
+	return fuse.OK
+}
+
+func (s *Server) dirAttr(a *fuse.Attr) {
+	a.Mode = syscall.S_IFDIR | 0o555
+	a.Nlink = 2
+	a.Owner = fuse.Owner{Uid: s.o.UID, Gid: s.o.GID}
+	a.SetTimes(nil, &s.mtime, &s.mtime)
+}
+
+func (s *Server) fileAttr(v *keystore.Key, a *fuse.Attr) {
+	size, created := v.Attrs()
+	a.Mode = syscall.S_IFREG | s.o.FileMode
+	a.Nlink = 1
+	a.Size = uint64(size)
+	a.Owner = fuse.Owner{Uid: s.o.UID, Gid: s.o.GID}
+	a.SetTimes(nil, &created, &created)
+}
+
+func (fs *rawFS) OpenDir(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if in.NodeId == rootID {
+		return fuse.OK
+	}
+	if e, ok := fs.s.nodes.get(in.NodeId); ok && e.key == "" && fs.s.visibleTenant(e.tenant) != nil {
+		return fuse.OK
+	}
+	return fuse.ENOENT
+}
+
+// ReadDir lists the directory as it is now; offsets are positions in
+// that listing ("." and ".." first).
+func (fs *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
+	s := fs.s
+	es := []fuse.DirEntry{{Name: ".", Mode: syscall.S_IFDIR, Ino: in.NodeId}, {Name: "..", Mode: syscall.S_IFDIR, Ino: rootID}}
+	if in.NodeId == rootID {
+		snap := s.snap.Load()
+		for _, name := range snap.Tenants() {
+			if s.visible(name, snap.Tenant(name)) {
+				es = append(es, fuse.DirEntry{Name: name, Mode: syscall.S_IFDIR, Ino: nodeID(name, "")})
+			}
+		}
+	} else {
+		e, ok := s.nodes.get(in.NodeId)
+		if !ok || e.key != "" {
+			return fuse.ENOENT
+		}
+		t := s.visibleTenant(e.tenant)
+		if t == nil {
+			return fuse.ENOENT
+		}
+		for _, name := range s.keyNames(t) {
+			es = append(es, fuse.DirEntry{Name: name, Mode: syscall.S_IFREG, Ino: nodeID(e.tenant, name)})
+		}
+	}
+	for i := int(min(in.Offset, uint64(len(es)))); i < len(es); i++ {
+		es[i].Off = uint64(i + 1)
+		if !out.AddDirEntry(es[i]) {
+			break
+		}
+	}
+	return fuse.OK
+}
+
+func (fs *rawFS) ReleaseDir(*fuse.ReleaseIn) {}
+
+func (fs *rawFS) StatFs(_ <-chan struct{}, _ *fuse.InHeader, out *fuse.StatfsOut) fuse.Status {
+	out.Bsize, out.Frsize, out.NameLen = 4096, 4096, 255
+	return fuse.OK
+}
+
+// Open decrypts the newest version, so a bad record fails here, with EIO,
+// and the audit trail names the version the reader got.
+func (fs *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
+	if in.Flags&syscall.O_ACCMODE != syscall.O_RDONLY || in.Flags&syscall.O_TRUNC != 0 {
+		return fuse.EROFS
+	}
+	s := fs.s
+	e, ok := s.nodes.get(in.NodeId)
+	if !ok || e.key == "" {
+		return fuse.ENOENT
+	}
+	start := time.Now()
+	h, err := s.open(&in.InHeader, e.tenant, e.key)
+	if s.o.OnRead != nil {
+		s.o.OnRead(e.tenant, time.Since(start), err)
+	}
+	if errors.Is(err, keystore.ErrNotFound) {
+		return fuse.ENOENT // removed meanwhile
+	}
+	if err != nil {
+		return fuse.EIO
+	}
+	out.Fh = s.handles.add(h)
+	// NOFLUSH: close needs no round trip; DIRECT_IO: no page cache.
+	out.OpenFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_NOFLUSH
+	return fuse.OK
+}
+
+// open returns the handle, or why not: keystore.ErrNotFound for a key
+// this view no longer shows, else what kept the record from opening.
+func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
+	v := s.key(s.visibleTenant(tenant), name)
+	if v == nil {
+		return nil, fmt.Errorf("%s/%s: %w", tenant, name, keystore.ErrNotFound)
+	}
+	rec, err := v.Record()
+	// Rotations pruned the version the snapshot names: take the newest.
+	for try := 0; errors.Is(err, keystore.ErrNotFound) && try < 5; try++ {
+		if rerr := s.o.Store.Refresh(); rerr != nil {
+			break
+		}
+		if v = s.key(s.o.Store.Snapshot().Tenant(tenant), name); v == nil {
+			break
+		}
+		rec, err = v.Record()
+	}
+	if v == nil || errors.Is(err, keystore.ErrNotFound) {
+		return nil, fmt.Errorf("%s/%s: %w", tenant, name, keystore.ErrNotFound) // removed meanwhile
+	}
+	ev := s.event(in, tenant, name, v.Version)
+	var pt []byte
+	if err == nil {
+		pt, err = s.o.Key.Open(rec, tenant, name)
+	}
+	if err != nil {
+		ev.Event, ev.Reason = "error", err.Error()
+		s.o.Audit.Log(ev)
+		s.log.Error("cannot open key", "tenant", tenant, "key", name, "version", v.Version, "pid", ev.PID, "err", err)
+		return nil, err
+	}
+	switch {
+	case in.Unique&resendBit != 0:
+		// Sent again after a takeover: the server that died with it
+		// unanswered wrote its event, if it got that far.
+	case s.o.AuditRequired:
+		if aerr := s.o.Audit.Log(ev); aerr != nil {
+			clear(pt)
+			return nil, fmt.Errorf("%w: %w", ErrAuditFailed, aerr)
+		}
+	default:
+		s.o.Audit.Go(ev) // written after the reply, when the logger has a queue
+	}
+	return &handle{v: v, rec: rec, pt: pt, key: s.o.Key}, nil
+}
+
+// event is an audit event for the caller of a request.
+func (s *Server) event(in *fuse.InHeader, tenant, key string, version uint64) audit.Event {
+	ev := s.o.Pod
+	ev.Time, ev.Event, ev.Reason = time.Time{}, "open", ""
+	ev.Tenant, ev.Key, ev.Version = tenant, key, version
+	uid, gid := in.Uid, in.Gid
+	ci := s.callers.get(in.Pid, ev.PodUID == "")
+	ev.PID, ev.UID, ev.GID = ci.pid, &uid, &gid
+	if ev.PodUID == "" {
+		ev.PodUID = ci.podUID
+	}
+	return ev
+}
+
+func (fs *rawFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
+	if hook := fs.s.o.onRead; hook != nil {
+		e, _ := fs.s.nodes.get(in.NodeId)
+		hook(e.key)
+	}
+	h := fs.s.handles.get(in.Fh)
+	if h == nil {
+		var err error
+		if h, err = fs.s.reopen(in); err != nil {
+			return nil, fuse.EIO
+		}
+	}
+	return h.read(int64(in.Offset), int(in.Size))
+}
+
+// reopen rebuilds the handle of a file opened before a takeover: the
+// version it names, or, for a read from the start, the newest one when
+// that version is gone (a read in the middle of a value it cannot serve).
+func (s *Server) reopen(in *fuse.ReadIn) (*handle, error) {
+	e, ok := s.nodes.get(in.NodeId)
+	if !ok || e.key == "" {
+		return nil, errors.New("no such node")
+	}
+	v := s.key(s.visibleTenant(e.tenant), e.key)
+	if v == nil {
+		return nil, keystore.ErrNotFound
+	}
+	if uint32(v.Version) != fhVersion(in.Fh) && in.Offset != 0 {
+		return nil, fmt.Errorf("%s/%s version %d is gone", e.tenant, e.key, fhVersion(in.Fh))
+	}
+	rec, err := v.Record()
+	if err != nil {
+		return nil, err
+	}
+	return s.handles.put(in.Fh, &handle{v: v, rec: rec, key: s.o.Key}), nil
+}
+
+func (fs *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
+	if h := fs.s.handles.remove(in.Fh); h != nil {
+		h.release()
+	}
+}
+
+// handle is one open key file. It pins the record opened, so every read
+// through it sees one version. The plaintext is kept only until a read has
+// delivered its end (or the file is released), and wiped once the reply
+// that refers to it is written.
+type handle struct {
+	v   *keystore.Key
+	rec *keystore.Record
+	key *keystore.MasterKey
+
+	mu       sync.Mutex
+	pt       []byte // nil once wiped
+	inflight int    // replies still referring to pt
+	drop     bool   // wipe pt when inflight reaches 0
+}
+
+func (h *handle) read(off int64, n int) (fuse.ReadResult, fuse.Status) {
+	size := int64(h.rec.Size())
+	if off >= size {
+		return fuse.ReadResultData(nil), fuse.OK
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.pt == nil { // read again after the end was delivered
+		pt, err := h.key.Open(h.rec, h.v.Tenant, h.v.Name)
+		if err != nil {
+			return nil, fuse.EIO
+		}
+		h.pt = pt
+	}
+	end := min(off+int64(n), size)
+	h.inflight++
+	if end == size {
+		h.drop = true
+	}
+	return &reply{h: h, data: h.pt[off:end]}, fuse.OK
+}
+
+// release wipes unconditionally: nothing reads the handle any more.
+func (h *handle) release() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	clear(h.pt)
+	h.pt = nil
+}
+
+func (h *handle) done() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.inflight--
+	if h.drop && h.inflight == 0 {
+		clear(h.pt)
+		h.pt = nil
+		h.drop = false
+	}
+}
+
+// reply hands plaintext to the protocol server, which copies it into the
+// reply buffer (wiped after the write) and then calls Done.
+type reply struct {
+	h    *handle
+	data []byte
+}
+
+func (r *reply) Size() int                          { return len(r.data) }
+func (r *reply) Bytes([]byte) ([]byte, fuse.Status) { return r.data, fuse.OK }
+func (r *reply) Slices() ([][]byte, fuse.Status)    { return [][]byte{r.data}, fuse.OK }
+func (r *reply) Done()                              { r.h.done() }
