@@ -13,6 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 )
 
@@ -48,6 +49,7 @@ type conn struct {
 	ps         *fuse.ProtocolServer
 	init       []byte // the kernel's INIT request
 	reply      []byte // the INIT reply the connection was made with
+	dev        string // "major:minor" of the mount, as the mount table shows it
 	log        *slog.Logger
 
 	mu            sync.Mutex
@@ -89,6 +91,11 @@ func mountConn(mountpoint string, fs fuse.RawFileSystem, mo *fuse.MountOptions, 
 		unix.Close(fd)
 		return nil, err
 	}
+	m, err := topMount(mountpoint)
+	if err != nil || m == nil {
+		return fail(fmt.Errorf("the new mount is not in the mount table: %v", err))
+	}
+	c.dev = fmt.Sprintf("%d:%d", m.Major, m.Minor)
 	in := make([]byte, bufSize)
 	n, err := readRequest(fd, in)
 	if err != nil {
@@ -96,11 +103,11 @@ func mountConn(mountpoint string, fs fuse.RawFileSystem, mo *fuse.MountOptions, 
 	}
 	c.init = bytes.Clone(in[:n])
 	out := make([]byte, bufSize)
-	m, st2 := c.ps.HandleRequest([][]byte{c.init}, [][]byte{out})
-	if !st2.Ok() || m == 0 {
+	k, st2 := c.ps.HandleRequest([][]byte{c.init}, [][]byte{out})
+	if !st2.Ok() || k == 0 {
 		return fail(fmt.Errorf("answer INIT: %v", st2))
 	}
-	c.reply = bytes.Clone(out[:m])
+	c.reply = bytes.Clone(out[:k])
 	if _, err := unix.Write(fd, c.reply); err != nil {
 		return fail(fmt.Errorf("write INIT reply: %w", err))
 	}
@@ -123,7 +130,7 @@ func newConn(fd int, mountpoint string, fs fuse.RawFileSystem, mo *fuse.MountOpt
 func resumeConn(sess Session, fs fuse.RawFileSystem, mo *fuse.MountOptions, log *slog.Logger) (*conn, error) {
 	unix.CloseOnExec(sess.FD)
 	c := newConn(sess.FD, sess.Mountpoint, fs, mo, log)
-	c.init, c.reply = sess.Init, sess.Reply
+	c.init, c.reply, c.dev = sess.Init, sess.Reply, sess.Dev
 	out := make([]byte, bufSize)
 	m, st := c.ps.HandleRequest([][]byte{bytes.Clone(sess.Init)}, [][]byte{out})
 	if !st.Ok() {
@@ -134,6 +141,26 @@ func resumeConn(sess Session, fs fuse.RawFileSystem, mo *fuse.MountOptions, log 
 			"run the version that mounted it, or restart the pods that read it", describeInit(out[:m]), describeInit(sess.Reply))
 	}
 	return c, nil
+}
+
+// topMount returns the topmost mount at exactly path, or nil.
+func topMount(path string) (*mountinfo.Info, error) {
+	ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(path))
+	if err != nil || len(ms) == 0 {
+		return nil, err
+	}
+	return ms[len(ms)-1], nil
+}
+
+// mounted says whether the topmost mount at the mountpoint is this
+// connection's, by the mount table: not a newer mount someone else made
+// there after this one was detached.
+func (c *conn) mounted() (bool, error) {
+	m, err := topMount(c.mountpoint)
+	if err != nil || m == nil {
+		return false, err
+	}
+	return fmt.Sprintf("%d:%d", m.Major, m.Minor) == c.dev, nil
 }
 
 // describeInit summarizes an INIT reply for an error message.
@@ -254,6 +281,7 @@ func (c *conn) invalInode(ino uint64) error {
 // the kernel had with the first server (the kernel sends INIT once).
 type Session struct {
 	Mountpoint  string
+	Dev         string // the mount's "major:minor" in the mount table
 	FD          int
 	Init, Reply []byte
 }
@@ -263,7 +291,7 @@ const sessionMagic = "keyfs-fuse-session v1\n"
 // MarshalState encodes everything of the session but its descriptor.
 func (s Session) MarshalState() []byte {
 	b := []byte(sessionMagic)
-	for _, f := range [][]byte{[]byte(s.Mountpoint), s.Init, s.Reply} {
+	for _, f := range [][]byte{[]byte(s.Mountpoint), []byte(s.Dev), s.Init, s.Reply} {
 		b = binary.BigEndian.AppendUint32(b, uint32(len(f)))
 		b = append(b, f...)
 	}
@@ -277,7 +305,7 @@ func ParseSession(state []byte, fd int) (Session, error) {
 	if !ok {
 		return Session{}, errors.New("not a keyfs FUSE session")
 	}
-	var f [3][]byte
+	var f [4][]byte
 	for i := range f {
 		if len(rest) < 4 || uint32(len(rest)-4) < binary.BigEndian.Uint32(rest) {
 			return Session{}, errors.New("truncated keyfs FUSE session")
@@ -285,5 +313,5 @@ func ParseSession(state []byte, fd int) (Session, error) {
 		n := binary.BigEndian.Uint32(rest)
 		f[i], rest = bytes.Clone(rest[4:4+n]), rest[4+n:]
 	}
-	return Session{Mountpoint: string(f[0]), FD: fd, Init: f[1], Reply: f[2]}, nil
+	return Session{Mountpoint: string(f[0]), Dev: string(f[1]), FD: fd, Init: f[2], Reply: f[3]}, nil
 }

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
-	"github.com/moby/sys/mountinfo"
 	"golang.org/x/sys/unix"
 
 	"github.com/keyfs/keyfs/internal/audit"
@@ -245,7 +244,7 @@ func (s *Server) start(c *conn) {
 // Session returns what a successor needs to serve this view; its FD stays
 // this server's (a holder keeps a copy of it, not the descriptor itself).
 func (s *Server) Session() Session {
-	return Session{Mountpoint: s.conn.mountpoint, FD: s.conn.fd, Init: s.conn.init, Reply: s.conn.reply}
+	return Session{Mountpoint: s.conn.mountpoint, Dev: s.conn.dev, FD: s.conn.fd, Init: s.conn.init, Reply: s.conn.reply}
 }
 
 // unmountWait bounds how long Unmount waits for the server to stop once
@@ -260,9 +259,17 @@ func (s *Server) Unmount() error {
 	select {
 	case <-s.served: // unmounted from outside
 	default:
-		err := unix.Unmount(s.conn.mountpoint, 0)
-		if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not mounted here any more
+		// Only this view's own mount: another may be on top of the path
+		// since this one was detached.
+		ours, err := s.conn.mounted()
+		if err != nil {
 			return fmt.Errorf("unmount %s: %w", s.conn.mountpoint, err)
+		}
+		if ours {
+			err := unix.Unmount(s.conn.mountpoint, 0)
+			if err != nil && !errors.Is(err, unix.EINVAL) { // EINVAL: not mounted here any more
+				return fmt.Errorf("unmount %s: %w", s.conn.mountpoint, err)
+			}
 		}
 		select {
 		case <-s.served:
@@ -385,11 +392,11 @@ func (s *Server) allow(tenant string) bool {
 // of another file system is refused.
 func DetachLeftover(target string) (int, error) {
 	for n := range 16 { // a crash-looping daemon may have stacked several
-		ms, err := mountinfo.GetMounts(mountinfo.SingleEntryFilter(target))
-		if err != nil || len(ms) == 0 {
+		m, err := topMount(target)
+		if err != nil || m == nil {
 			return n, err
 		}
-		if m := ms[len(ms)-1]; m.FSType != FSType {
+		if m.FSType != FSType {
 			return n, fmt.Errorf("%s has a %s mount that keyfs did not make; not touching it", target, m.FSType)
 		}
 		if err := unix.Unmount(target, unix.MNT_DETACH); err != nil {

@@ -245,9 +245,9 @@ func TestResumeRefusesOtherSettings(t *testing.T) {
 }
 
 func TestSessionState(t *testing.T) {
-	in := Session{Mountpoint: "/a/b", Init: []byte{1, 2, 3}, Reply: []byte{4}}
+	in := Session{Mountpoint: "/a/b", Dev: "0:42", Init: []byte{1, 2, 3}, Reply: []byte{4}}
 	got, err := ParseSession(in.MarshalState(), 7)
-	if err != nil || got.Mountpoint != "/a/b" || string(got.Init) != "\x01\x02\x03" || string(got.Reply) != "\x04" || got.FD != 7 {
+	if err != nil || got.Mountpoint != "/a/b" || got.Dev != "0:42" || string(got.Init) != "\x01\x02\x03" || string(got.Reply) != "\x04" || got.FD != 7 {
 		t.Fatalf("round trip: %+v %v", got, err)
 	}
 	st := in.MarshalState()

@@ -36,9 +36,12 @@ func usagef(format string, a ...any) error { return usageError{fmt.Errorf(format
 func exitCode(err error) int {
 	var pcr *tpm.PCRPolicyError
 	var ue usageError
+	var we workerExit
 	switch {
 	case err == nil:
 		return exitOK
+	case errors.As(err, &we):
+		return we.code
 	case errors.As(err, &ue), errors.Is(err, keystore.ErrInvalidName), errors.Is(err, keystore.ErrInvalidValue):
 		return exitUsage
 	case errors.Is(err, tpm.ErrNoDevice), errors.Is(err, tpm.ErrTimeout), errors.Is(err, tpm.ErrWrongTPM), errors.Is(err, tpm.ErrSRKMismatch),
@@ -59,7 +62,7 @@ var errNotRoot = errors.New("permission denied")
 func main() {
 	root, g := newRoot()
 	err := root.Execute()
-	if err != nil {
+	if err != nil && !errors.As(err, new(workerExit)) { // a worker said why
 		if g.log != nil {
 			g.log.Error("stopped", "err", err)
 		} else {

@@ -7,7 +7,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -25,6 +28,7 @@ func (c *cli) startMount(mnt, wantFile string) (*exec.Cmd, *syncbuf.Buffer) {
 		}
 	})
 	cmd := c.keyfsCmd("mount", mnt)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // killGroup: supervisor and worker
 	stderr := startChild(c.t, cmd)
 	if !poll(10*time.Second, func() bool { _, err := os.ReadFile(filepath.Join(mnt, wantFile)); return err == nil }) {
 		c.t.Fatalf("keyfs mount did not serve %s within 10s: %s", wantFile, stderr.String())
@@ -52,10 +56,51 @@ func TestMountLifecycle(t *testing.T) {
 		t.Fatal("mount left behind after SIGTERM")
 	}
 
-	// kill -9 leaves a dead mount (ENOTCONN); the next start cleans it.
+	// kill -9 of the worker: its supervisor starts another, which takes
+	// the mount over; a reader every 20 ms for 5 s sees no failure.
 	cmd, stderr = c.startMount(mnt, "acme/openai")
-	cmd.Process.Signal(syscall.SIGKILL)
-	waitOrDump(t, cmd, 30*time.Second, stderr)
+	first := workerPID(t, stderr, 0)
+	var failed, reads atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			if b, err := os.ReadFile(filepath.Join(mnt, "acme/openai")); err != nil || string(b) != "sk-mount-1" {
+				failed.Add(1)
+				t.Errorf("read across the worker's restart: %q %v", b, err)
+			}
+			reads.Add(1)
+		}
+	}()
+	time.Sleep(time.Second)
+	syscall.Kill(first, syscall.SIGKILL)
+	second := workerPID(t, stderr, 1)
+	wg.Wait()
+	close(stop)
+	if failed.Load() > 0 {
+		t.Fatalf("%d of %d reads failed across the restart", failed.Load(), reads.Load())
+	}
+	if syscall.Kill(second, 0) != nil {
+		t.Fatalf("the new worker %d is not running: %s", second, stderr.String())
+	}
+	if !logged(stderr, "resumed=true") {
+		t.Errorf("the new worker did not resume the mount: %s", stderr.String())
+	}
+	if r := c.must(0, "", "audit"); !strings.Contains(r.stdout, "worker 1 after the last one ended (killed by SIGKILL); mount resumed") {
+		t.Errorf("no audit event for the restart:\n%s", r.stdout)
+	}
+	t.Logf("%d reads across a kill -9 of the worker, 0 failed", reads.Load())
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := waitOrDump(t, cmd, 30*time.Second, stderr); err != nil {
+		t.Fatal(err)
+	}
+
+	// kill -9 of supervisor and worker together leaves a dead mount
+	// (ENOTCONN); the next start cleans it.
+	cmd, stderr = c.startMount(mnt, "acme/openai")
+	killGroup(t, cmd, stderr)
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(mnt, &st); !errors.Is(err, syscall.ENOTCONN) {
 		t.Fatalf("after kill -9, statfs %s = %v, want ENOTCONN (a dead FUSE mount)", mnt, err)
@@ -136,6 +181,39 @@ func TestDemo(t *testing.T) {
 	}
 }
 
+var workerLine = regexp.MustCompile(`msg="worker started" pid=(\d+) restart=(\d+)`)
+
+// workerPID waits for the log line of the nth restart's worker.
+func workerPID(t *testing.T, stderr fmt.Stringer, restart int) int {
+	t.Helper()
+	var pid int
+	if !poll(10*time.Second, func() bool {
+		for _, m := range workerLine.FindAllStringSubmatch(stderr.String(), -1) {
+			if m[2] == strconv.Itoa(restart) {
+				pid, _ = strconv.Atoi(m[1])
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("no worker %d started: %s", restart, stderr.String())
+	}
+	return pid
+}
+
+// killGroup kills with SIGKILL the supervisor and its worker (startMount
+// makes them a process group) and waits until both are gone.
+func killGroup(t *testing.T, cmd *exec.Cmd, stderr fmt.Stringer) {
+	t.Helper()
+	syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	waitOrDump(t, cmd, 30*time.Second, stderr)
+	start := time.Now()
+	if !poll(10*time.Second, func() bool { return syscall.Kill(-cmd.Process.Pid, 0) != nil }) {
+		t.Fatal("keyfs mount's worker outlived SIGKILL by 10s")
+	}
+	t.Logf("worker gone %v after its supervisor", time.Since(start))
+}
+
 // TestMountKilledWhileStarting: kill -9 of keyfs mount at any moment of
 // its start, including while go-fuse's start-up probe holds a file open on
 // the new mount, ends the process and leaves a dead mount the next start
@@ -149,6 +227,7 @@ func TestMountKilledWhileStarting(t *testing.T) {
 	t.Cleanup(func() { abortFUSE(t, mnt) })
 	for run := range 30 {
 		cmd := c.keyfsCmd("mount", mnt)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -156,9 +235,15 @@ func TestMountKilledWhileStarting(t *testing.T) {
 		for deadline := time.Now().Add(10 * time.Second); !fusetest.MustMounted(t, mnt) && time.Now().Before(deadline); {
 			time.Sleep(time.Duration(run%3) * 100 * time.Microsecond)
 		}
-		cmd.Process.Signal(syscall.SIGKILL)
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
+		go func() {
+			cmd.Wait()
+			for syscall.Kill(-cmd.Process.Pid, 0) == nil { // the worker too
+				time.Sleep(time.Millisecond)
+			}
+			close(done)
+		}()
 		select {
 		case <-done:
 		case <-time.After(10 * time.Second):

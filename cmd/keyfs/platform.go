@@ -15,7 +15,45 @@ import (
 	"github.com/keyfs/keyfs/keystore"
 	"github.com/keyfs/keyfs/kubestore"
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 )
+
+// mountOrResume serves the view at mnt: it takes over the connection the
+// supervisor holds from a worker before this one, or mounts afresh.
+func mountOrResume(log *slog.Logger, w *worker, mnt string, o fusefs.Options) (*fusefs.Server, bool, error) {
+	held, err := w.Collect()
+	if err != nil {
+		log.Error("cannot collect the mounts the supervisor holds; mounting afresh", "err", err)
+	}
+	for _, h := range held {
+		sess, err := fusefs.ParseSession(h.State, h.FD)
+		if h.Name != mnt || err != nil {
+			unix.Close(h.FD)
+			w.Drop(h.Name)
+			continue
+		}
+		srv, err := fusefs.Resume(sess, o)
+		if err == nil {
+			return srv, true, nil
+		}
+		log.Error("cannot resume the mount; mounting afresh (readers of the old one get errors)", "mountpoint", mnt, "err", err)
+		unix.Close(h.FD)
+		w.Drop(h.Name)
+	}
+	if n, err := fusefs.DetachLeftover(mnt); err != nil {
+		return nil, false, err
+	} else if n > 0 {
+		log.Warn("detached a keyfs mount a killed process left", "mountpoint", mnt)
+	}
+	if err := os.MkdirAll(mnt, 0o755); err != nil {
+		return nil, false, err
+	}
+	srv, err := fusefs.Mount(mnt, o)
+	if err != nil {
+		return nil, false, fmt.Errorf("mount %s: %w", mnt, err)
+	}
+	return srv, false, nil
+}
 
 // openAudit opens STATE/audit.log, or stdout for "-".
 func (g *globals) openAudit(path string) (*audit.Logger, error) {
@@ -66,15 +104,14 @@ within a second. Every open is written to the audit log.`,
 			}
 			g.log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 			log := g.log
+			w, err := asWorker()
+			if err != nil {
+				return err
+			}
+			if w == nil {
+				return supervise(log)
+			}
 			if _, err := hardenProcess(log, "mount", allowUnprotected); err != nil {
-				return err
-			}
-			if n, err := fusefs.DetachLeftover(mnt); err != nil {
-				return err
-			} else if n > 0 {
-				log.Warn("detached a keyfs mount a killed process left", "mountpoint", mnt)
-			}
-			if err := os.MkdirAll(mnt, 0o755); err != nil {
 				return err
 			}
 			dm, err := g.startDaemon(daemonAudit{path: auditPath, required: auditRequired})
@@ -101,11 +138,21 @@ within a second. Every open is written to the audit log.`,
 			if ts != nil {
 				opts.Allow = func(t string) bool { return slices.Contains(ts, t) }
 			}
-			srv, err := fusefs.Mount(mnt, opts)
+			srv, resumed, err := mountOrResume(log, w, mnt, opts)
 			if err != nil {
-				return fmt.Errorf("mount %s: %w", mnt, err)
+				return err
 			}
-			log.Info("serving keys", "mountpoint", mnt, "kid", key.KID(), "tenants", orAll(tenants), "keys", orAll(keys))
+			if err := w.hold(mnt, srv); err != nil {
+				log.Error("the supervisor does not hold the mount: a crash of this process will end it", "err", err)
+			}
+			w.Ready()
+			if w.restart > 0 {
+				ev := audit.Event{Event: "restart", Reason: fmt.Sprintf("worker %d after the last one ended (%s); mount %s", w.restart, w.reason, map[bool]string{true: "resumed", false: "made afresh"}[resumed])}
+				if err := al.Log(g.lifecycleEvent(ev)); err != nil {
+					log.Error("cannot audit the restart", "err", err)
+				}
+			}
+			log.Info("serving keys", "mountpoint", mnt, "kid", key.KID(), "tenants", orAll(tenants), "keys", orAll(keys), "resumed", resumed)
 			done := make(chan struct{})
 			go func() { srv.Wait(); close(done) }()
 			select {
@@ -120,6 +167,7 @@ within a second. Every open is written to the audit log.`,
 			case <-done:
 				log.Warn("the mount went away (unmounted from outside)", "mountpoint", mnt)
 			}
+			w.Drop(mnt)
 			return nil
 		},
 	}
