@@ -20,6 +20,7 @@ import (
 
 	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/internal/fdhold"
 	"github.com/keyfs/keyfs/keystore"
 )
 
@@ -51,6 +52,14 @@ type Config struct {
 	Policy *Policy
 	// Registry receives the driver's metrics; nil keeps them unregistered.
 	Registry prometheus.Registerer
+	// Holders keep copies of the volumes' FUSE connections, so that the
+	// next run of the daemon takes them over (Restore) and running pods
+	// read on: the daemon's supervisor, the node's fd holder.
+	Holders []Holder
+	// LeaveMounts, when set and true at Close, leaves the volumes mounted
+	// for the next run instead of unmounting them: a holder outside this
+	// process keeps them alive meanwhile.
+	LeaveMounts func() bool
 	// Ready says whether the node can serve keys yet (a cluster node
 	// waiting for enrollment cannot): its error refuses every publish with
 	// Unavailable and that message, so kubelet retries. nil: always ready.
@@ -63,6 +72,7 @@ type view interface {
 	Unmount() error
 	Wait()
 	Refresh()
+	Session() fusefs.Session
 }
 
 type mountFunc func(target string, o fusefs.Options) (view, error)
@@ -73,6 +83,22 @@ func fuseMount(target string, o fusefs.Options) (view, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+func fuseResume(sess fusefs.Session, o fusefs.Options) (view, error) {
+	s, err := fusefs.Resume(sess, o)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Holder keeps copies of FUSE connections for a successor
+// (internal/fdhold).
+type Holder interface {
+	Hold(name string, state []byte, fd int) error
+	Drop(name string) error
+	Collect() ([]fdhold.Session, error)
 }
 
 // volume is one published volume.
@@ -102,6 +128,9 @@ type Driver struct {
 	policy                *Policy
 	m                     *metrics
 	mount                 mountFunc
+	resume                func(fusefs.Session, fusefs.Options) (view, error)
+	holders               []Holder
+	leaveMounts           func() bool
 	ready                 func() error
 
 	locks keyedMutex // one publish/unpublish per volume id at a time
@@ -168,6 +197,9 @@ func New(c Config) (*Driver, error) {
 		policy:         c.Policy,
 		m:              m,
 		mount:          fuseMount,
+		resume:         fuseResume,
+		holders:        c.Holders,
+		leaveMounts:    c.LeaveMounts,
 		ready:          c.Ready,
 		vols:           map[string]*volume{},
 		targets:        map[string]string{},
@@ -198,13 +230,18 @@ func (d *Driver) volumes() []*volume {
 	return vs
 }
 
-// Close unmounts every view but keeps the volume records, so a restarted
-// daemon's Restore mounts them again at the same targets. Call it after
-// Serve has returned. A FUSE mount cannot outlive its server: running pods
-// hold their own binds and get ENOTCONN once this process exits, until
-// they are restarted.
+// Close stops serving the views but keeps the volume records, so a
+// restarted daemon's Restore takes them back at the same targets. Call it
+// after Serve has returned. With LeaveMounts true the mounts stay for the
+// next run, which resumes them: running pods see a stall. Otherwise every
+// view is unmounted: a FUSE mount cannot outlive its server, so running
+// pods (they hold their own binds) get ENOTCONN until they are restarted.
 func (d *Driver) Close() {
 	d.unsub()
+	if d.leaveMounts != nil && d.leaveMounts() {
+		d.log.Info("leaving the volumes mounted for the next run to resume", "volumes", len(d.volumes()))
+		return
+	}
 	var wg sync.WaitGroup
 	for _, v := range d.volumes() {
 		wg.Go(func() {

@@ -32,6 +32,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(helperEnv) != "" {
 		os.Exit(runHelper())
 	}
+	if sock := os.Getenv(holderEnv); sock != "" {
+		os.Exit(runHolder(sock))
+	}
 	os.Exit(m.Run())
 }
 

@@ -136,11 +136,23 @@ func (d *Driver) mountVolume(rec volumeRecord, params volumeParams, create bool)
 		return fmt.Errorf("record volume %s: %w", rec.VolumeID, err)
 	}
 	done = true
+	d.add(v)
+	return nil
+}
+
+// add serves v from now on and deposits its connection with the holders.
+func (d *Driver) add(v *volume) {
 	d.mu.Lock()
-	d.vols[rec.VolumeID] = v
+	d.vols[v.rec.VolumeID] = v
 	d.mu.Unlock()
 	d.m.mounted.Inc()
-	return nil
+	sess := v.srv.Session()
+	state := sess.MarshalState()
+	for _, h := range d.holders {
+		if err := h.Hold(v.rec.VolumeID, state, sess.FD); err != nil {
+			d.log.Error("a holder does not hold the volume: it will not survive a restart of keyfs", "volume", v.rec.VolumeID, "err", err)
+		}
+	}
 }
 
 func (d *Driver) mountOptions(rec volumeRecord, params volumeParams) fusefs.Options {
@@ -294,6 +306,11 @@ func (d *Driver) unmountView(v *volume) error {
 		go v.srv.Wait()
 	}
 	v.closed = true
+	for _, h := range d.holders {
+		if err := h.Drop(v.rec.VolumeID); err != nil {
+			d.log.Warn("a holder may still hold an unmounted volume", "volume", v.rec.VolumeID, "err", err)
+		}
+	}
 	return nil
 }
 

@@ -11,6 +11,8 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/keyfs/keyfs/internal/fdhold"
 	"github.com/keyfs/keyfs/internal/fusetest"
 	"github.com/keyfs/keyfs/keystore"
 )
@@ -52,8 +55,14 @@ func runHelper() int {
 		return 2
 	}
 	defer index.Close()
-	d, err := New(Config{NodeID: "node-1", KubeletDir: os.Getenv("KEYFS_H_KUBELET"), StateDir: os.Getenv("KEYFS_H_STATE"),
-		Store: index, Key: key, Log: log})
+	c := Config{NodeID: "node-1", KubeletDir: os.Getenv("KEYFS_H_KUBELET"), StateDir: os.Getenv("KEYFS_H_STATE"),
+		Store: index, Key: key, Log: log}
+	if sock := os.Getenv("KEYFS_H_HOLDER"); sock != "" {
+		r := fdhold.Dial(sock, log)
+		defer r.Close()
+		c.Holders, c.LeaveMounts = []Holder{r}, r.Connected
+	}
+	d, err := New(c)
 	if err != nil {
 		log.Error("new", "err", err)
 		return 2
@@ -75,16 +84,48 @@ func runHelper() int {
 	return 0
 }
 
+// holderEnv selects runHolder: an fd holder in its own process, as the
+// fd-holder pod is, so a test can kill it.
+const holderEnv = "KEYFS_DRIVER_HOLDER"
+
+func runHolder(sock string) int {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+	l, err := fdhold.Listen(sock)
+	if err != nil {
+		log.Error("listen", "err", err)
+		return 2
+	}
+	(&fdhold.Holder{}).ServeListener(l, log)
+	return 1
+}
+
+func startHolder(t *testing.T, sock string) *daemon {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), holderEnv+"="+sock)
+	if testing.Verbose() {
+		cmd.Stderr = os.Stderr
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	dm := &daemon{cmd: cmd, done: make(chan error, 1)}
+	go func() { dm.done <- cmd.Wait() }()
+	t.Cleanup(func() { dm.kill(syscall.SIGKILL) })
+	waitFor(t, 5*time.Second, "the holder's socket", func() bool { _, err := os.Stat(sock); return err == nil })
+	return dm
+}
+
 // daemon is a driver running in a child process.
 type daemon struct {
 	cmd  *exec.Cmd
 	done chan error
 }
 
-func startDaemon(t *testing.T, e *env) *daemon {
+func startDaemon(t *testing.T, e *env, env ...string) *daemon {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), helperEnv+"=1",
+	cmd.Env = append(append(os.Environ(), env...), helperEnv+"=1",
 		"KEYFS_H_SEED="+hex.EncodeToString(e.seed), "KEYFS_H_STORE="+e.storeDir,
 		"KEYFS_H_KUBELET="+e.kubelet, "KEYFS_H_STATE="+e.state, "KEYFS_H_SOCK="+e.sock)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
@@ -190,6 +231,80 @@ func TestRestartAfterSIGKILL(t *testing.T) {
 	}
 	for _, r := range reqs {
 		if _, err := second.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: r.VolumeId, TargetPath: r.TargetPath}); err != nil {
+			t.Errorf("unpublish %s: %v", r.VolumeId, err)
+		}
+	}
+	if err := dm.kill(syscall.SIGTERM); err != nil {
+		t.Errorf("daemon exit after SIGTERM: %v", err)
+	}
+	if ms := keyfsMounts(t, e.dir); len(ms) != 0 {
+		t.Errorf("mounts left: %v", ms)
+	}
+}
+
+// TestResumeAfterSIGKILL: with an fd holder (in its own process, as the
+// fd-holder pod), kill -9 of the daemon is a stall for running pods, not
+// an error: the next daemon takes the volumes over. So is a SIGTERM, and
+// a kill -9 after the holder itself was killed and restarted (the daemon
+// deposits everything again).
+func TestResumeAfterSIGKILL(t *testing.T) {
+	fusetest.Require(t)
+	e := newStoreEnv(t)
+	t.Cleanup(func() { detachAll(t, e.dir) })
+	sock := filepath.Join(e.dir, "holder", "holder.sock")
+	holder := startHolder(t, sock)
+	holderEnv := "KEYFS_H_HOLDER=" + sock
+
+	p := pod("acme", "default")
+	reqs := []*csi.NodePublishVolumeRequest{e.request("vol-a", p, nil), e.request("vol-b", p, map[string]string{"keys": "openai"})}
+	dm := startDaemon(t, e, holderEnv)
+	node := e.dialDaemon()
+	for _, r := range reqs {
+		if _, err := node.NodePublishVolume(context.Background(), r); err != nil {
+			t.Fatalf("publish %s: %v", r.VolumeId, err)
+		}
+	}
+	want := testKeys["acme/openai"]
+	var failed, reads atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, r := range reqs {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+				if b, err := os.ReadFile(filepath.Join(r.TargetPath, "acme", "openai")); err != nil || string(b) != want {
+					failed.Add(1)
+					t.Errorf("%s: read across the restart: %q %v", r.VolumeId, b, err)
+				}
+				reads.Add(1)
+			}
+		})
+	}
+	time.Sleep(300 * time.Millisecond)
+	for i, how := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM, syscall.SIGKILL} {
+		if i == 2 {
+			holder.kill(syscall.SIGKILL)
+			holder = startHolder(t, sock)
+			time.Sleep(1500 * time.Millisecond) // the daemon reconnects each second
+		}
+		dm.kill(how)
+		time.Sleep(200 * time.Millisecond) // the gap
+		dm = startDaemon(t, e, holderEnv)
+		node = e.dialDaemon()
+		time.Sleep(300 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	if failed.Load() > 0 {
+		t.Fatalf("%d of %d reads failed across the daemon's restarts", failed.Load(), reads.Load())
+	}
+	t.Logf("%d reads across kill -9, SIGTERM, holder restart + kill -9 of the daemon, 0 failed", reads.Load())
+	for _, r := range reqs {
+		if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: r.VolumeId, TargetPath: r.TargetPath}); err != nil {
 			t.Errorf("unpublish %s: %v", r.VolumeId, err)
 		}
 	}

@@ -11,7 +11,9 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/keystore"
+	"golang.org/x/sys/unix"
 )
 
 // volumeRecord is what the driver keeps on disk about a published volume,
@@ -69,6 +71,15 @@ func (d *Driver) Restore() error {
 	if err != nil {
 		return fmt.Errorf("driver: restore: %w", err)
 	}
+	held := d.collect()
+	defer func() { // what no record claimed: nothing will serve it
+		for id, s := range held {
+			unix.Close(s.FD)
+			for _, h := range d.holders {
+				h.Drop(id)
+			}
+		}
+	}()
 	var errs []error
 	n := 0
 	for _, de := range des {
@@ -82,7 +93,9 @@ func (d *Driver) Restore() error {
 			errs = append(errs, err)
 			continue
 		}
-		if err := d.restoreOne(rec); err != nil {
+		sess, ok := held[rec.VolumeID]
+		delete(held, rec.VolumeID)
+		if err := d.restoreOne(rec, sess, ok); err != nil {
 			d.log.Error("restore failed", "volume", rec.VolumeID, "target", rec.Target, "err", err)
 			errs = append(errs, fmt.Errorf("restore volume %s at %s: %w", rec.VolumeID, rec.Target, err))
 			continue
@@ -95,13 +108,41 @@ func (d *Driver) Restore() error {
 	return errors.Join(errs...)
 }
 
-func (d *Driver) restoreOne(rec volumeRecord) error {
+// collect gathers the connections the holders keep, one per volume; the
+// other copies are closed.
+func (d *Driver) collect() map[string]fusefs.Session {
+	out := map[string]fusefs.Session{}
+	for _, h := range d.holders {
+		ss, err := h.Collect()
+		if err != nil {
+			d.log.Error("cannot collect the volumes a holder keeps", "err", err)
+			continue
+		}
+		for _, s := range ss {
+			sess, err := fusefs.ParseSession(s.State, s.FD)
+			if _, dup := out[s.Name]; dup || err != nil {
+				unix.Close(s.FD)
+				continue
+			}
+			out[s.Name] = sess
+		}
+	}
+	return out
+}
+
+// restoreOne takes a recorded volume back: it resumes the connection a
+// holder kept (sess, when ok), so its pods read on, or else mounts it
+// afresh, for new pods.
+func (d *Driver) restoreOne(rec volumeRecord, sess fusefs.Session, ok bool) error {
 	unlock := d.locks.lock(rec.VolumeID)
 	defer unlock()
 	d.mu.Lock()
-	_, held := d.vols[rec.VolumeID]
+	_, served := d.vols[rec.VolumeID]
 	d.mu.Unlock()
-	if held {
+	if served {
+		if ok {
+			unix.Close(sess.FD)
+		}
 		return nil
 	}
 	if err := d.checkTarget(rec.Target); err != nil {
@@ -116,6 +157,20 @@ func (d *Driver) restoreOne(rec volumeRecord) error {
 	}
 	// Grants are not checked again here: the mount's Allow is evaluated
 	// live, so a tenant revoked meanwhile is simply not shown.
+	if ok && sess.Mountpoint == rec.Target {
+		srv, err := d.resume(sess, d.mountOptions(rec, params))
+		if err == nil {
+			d.add(&volume{rec: rec, params: params, srv: srv})
+			d.log.Info("volume resumed", "volume", rec.VolumeID, "target", rec.Target)
+			return nil
+		}
+		d.log.Error("cannot resume the volume; mounting it afresh: its running pods must be restarted", "volume", rec.VolumeID, "target", rec.Target, "err", err)
+	}
+	if ok {
+		unix.Close(sess.FD)
+	} else if len(d.holders) > 0 {
+		d.log.Warn("no holder kept the volume's connection; mounting it afresh: its running pods must be restarted", "volume", rec.VolumeID, "target", rec.Target)
+	}
 	err = d.mountVolume(rec, params, false)
 	if errors.Is(err, errTargetGone) {
 		d.release(rec.Target, rec.VolumeID)

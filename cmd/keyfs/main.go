@@ -145,7 +145,7 @@ never from arguments, and are never printed or logged.`,
 	})
 	root.AddCommand(
 		initCmd(g), pubkeyCmd(g), sealCmd(g), putCmd(g), importCmd(g), lsCmd(g), rmCmd(g), verifyCmd(g),
-		recoveryKeygenCmd(g), recoverCmd(g), masterCmd(g), auditCmd(g), mountCmd(g), serveCmd(g), nodeCmd(g),
+		recoveryKeygenCmd(g), recoverCmd(g), masterCmd(g), auditCmd(g), mountCmd(g), serveCmd(g), holdCmd(g), nodeCmd(g),
 	)
 	return root, g
 }

@@ -146,12 +146,7 @@ within a second. Every open is written to the audit log.`,
 				log.Error("the supervisor does not hold the mount: a crash of this process will end it", "err", err)
 			}
 			w.Ready()
-			if w.restart > 0 {
-				ev := audit.Event{Event: "restart", Reason: fmt.Sprintf("worker %d after the last one ended (%s); mount %s", w.restart, w.reason, map[bool]string{true: "resumed", false: "made afresh"}[resumed])}
-				if err := al.Log(g.lifecycleEvent(ev)); err != nil {
-					log.Error("cannot audit the restart", "err", err)
-				}
-			}
+			w.auditRestart(g, al)
 			log.Info("serving keys", "mountpoint", mnt, "kid", key.KID(), "tenants", orAll(tenants), "keys", orAll(keys), "resumed", resumed)
 			done := make(chan struct{})
 			go func() { srv.Wait(); close(done) }()

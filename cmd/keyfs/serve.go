@@ -15,6 +15,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/keyfs/keyfs/driver"
 	"github.com/keyfs/keyfs/internal/audit"
+	"github.com/keyfs/keyfs/internal/fdhold"
 	"github.com/keyfs/keyfs/kubestore"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -23,7 +24,7 @@ import (
 )
 
 func serveCmd(g *globals) *cobra.Command {
-	var endpoint, nodeID, kubeletDir, regDir, policyPath, defaultRule, metricsAddr, auditPath string
+	var endpoint, nodeID, kubeletDir, regDir, policyPath, defaultRule, metricsAddr, auditPath, holderSocket string
 	var allowUnprotected, auditRequired, auditStdout bool
 	c := &cobra.Command{
 		Use:   "serve",
@@ -55,6 +56,13 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 			g.log = slog.New(slog.NewJSONHandler(os.Stderr, nil))
 			g.node = nodeID
 			log := g.log
+			w, err := asWorker()
+			if err != nil {
+				return err
+			}
+			if w == nil {
+				return supervise(log)
+			}
 			protected, err := hardenProcess(log, "serve", allowUnprotected)
 			if err != nil {
 				return err
@@ -101,9 +109,21 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 					return 1
 				}))
 			}
+			// The supervisor holds every volume's connection across a crash
+			// of this process, the node's fd holder across a replacement of
+			// the pod.
+			holders := []driver.Holder{w}
+			var remote *fdhold.Remote
+			if holderSocket != "" {
+				remote = fdhold.Dial(holderSocket, log)
+				defer remote.Close()
+				holders = append(holders, remote)
+			}
 			d, err := driver.New(driver.Config{
 				Version: version(), NodeID: nodeID, KubeletDir: kubeletDir, StateDir: g.state,
 				Store: store, Key: key, Audit: al, AuditRequired: auditRequired, Log: log, Policy: pol, Registry: reg, Ready: dm.ready,
+				Holders:     holders,
+				LeaveMounts: func() bool { return remote != nil && remote.Connected() },
 			})
 			if err != nil {
 				return err
@@ -112,6 +132,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 			if err := d.Restore(); err != nil {
 				log.Error("restoring volumes from before the restart", "err", err)
 			}
+			w.auditRestart(g, al)
 
 			ctx, stop := signal.NotifyContext(c.Context(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
@@ -150,6 +171,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 					}
 				}()
 			}
+			w.Ready()
 			log.Info("serving", "driver", driver.DriverName, "version", version(), "node", nodeID, "kid", key.KID(),
 				"endpoint", endpoint, "metrics", ln.Addr().String(), "policy", policyPath, "default_rule", defaultRule)
 			err = d.Serve(ctx, csiLn)
@@ -168,6 +190,7 @@ and Prometheus /metrics are served on --metrics-addr. Logs are JSON.`,
 	c.Flags().StringVar(&defaultRule, "default-rule", driver.RuleNamespace, "namespace: pods may read the tenant named like their namespace; none: only what the policy grants")
 	c.Flags().StringVar(&metricsAddr, "metrics-addr", "127.0.0.1:9810", "address for /healthz and /metrics")
 	c.Flags().StringVar(&auditPath, "audit-log", "", "audit log file, or - for stdout (default STATE/audit.log)")
+	c.Flags().StringVar(&holderSocket, "holder-socket", "", "socket of the node's fd holder (keyfs hold), which keeps the volumes alive while this pod is replaced")
 	c.Flags().BoolVar(&allowUnprotected, insecureMemoryFlag, false, "run even when memory cannot be locked or dumps disabled (secrets may reach swap; shown in /metrics)")
 	addEnrollFlags(c, g)
 	c.Flags().BoolVar(&auditRequired, "audit-required", false, "fail an open (EIO) whose audit event cannot be written")

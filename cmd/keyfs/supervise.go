@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/keyfs/keyfs/fusefs"
+	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/internal/fdhold"
 	"github.com/keyfs/keyfs/internal/fdpass"
 )
@@ -65,6 +66,17 @@ func asWorker() (*worker, error) {
 func (w *worker) hold(name string, srv *fusefs.Server) error {
 	sess := srv.Session()
 	return w.Hold(name, sess.MarshalState(), sess.FD)
+}
+
+// auditRestart records that this worker replaced one that died.
+func (w *worker) auditRestart(g *globals, al *audit.Logger) {
+	if w.restart == 0 {
+		return
+	}
+	ev := audit.Event{Event: "restart", Reason: fmt.Sprintf("worker %d after the last one ended (%s)", w.restart, w.reason)}
+	if err := al.Log(g.lifecycleEvent(ev)); err != nil {
+		g.log.Error("cannot audit the restart", "err", err)
+	}
 }
 
 // workerExit is a worker's exit status, which the supervisor exits with.

@@ -17,9 +17,13 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
 	"sort"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -213,4 +217,217 @@ func closeAll(fds []int) {
 	for _, fd := range fds {
 		unix.Close(fd)
 	}
+}
+
+// Remote is a server's connection to a holder in another pod: it
+// reconnects when the holder restarts, and then deposits again all it
+// holds, since a restarted holder holds nothing. It keeps its own copy of
+// each descriptor for that.
+type Remote struct {
+	path string
+	log  *slog.Logger
+
+	mu   sync.Mutex
+	cl   *Client // nil while not connected
+	held map[string]Session
+	stop chan struct{}
+}
+
+// Dial connects to the holder at path, now if it can, else in the
+// background, once a second, until Close.
+func Dial(path string, log *slog.Logger) *Remote {
+	r := &Remote{path: path, log: log, held: map[string]Session{}, stop: make(chan struct{})}
+	r.connect()
+	go r.keep()
+	return r
+}
+
+func (r *Remote) connect() bool {
+	c, err := net.DialUnix("unixpacket", nil, &net.UnixAddr{Name: r.path, Net: "unixpacket"})
+	if err != nil {
+		return false
+	}
+	cl := NewClient(c)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, s := range r.held {
+		if err := cl.Hold(s.Name, s.State, s.FD); err != nil {
+			cl.Close()
+			return false
+		}
+	}
+	r.cl = cl
+	r.log.Info("connected to the fd holder", "socket", r.path, "deposited", len(r.held))
+	return true
+}
+
+// keep watches the connection: a holder that goes away closes it.
+func (r *Remote) keep() {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.stop:
+			return
+		case <-t.C:
+		}
+		r.mu.Lock()
+		cl := r.cl
+		r.mu.Unlock()
+		if cl != nil && !cl.closedByPeer() {
+			continue
+		}
+		if cl != nil {
+			r.log.Warn("lost the fd holder; reconnecting", "socket", r.path)
+			r.mu.Lock()
+			r.cl = nil
+			r.mu.Unlock()
+			cl.Close()
+		}
+		r.connect()
+	}
+}
+
+// closedByPeer polls the socket without blocking: readable, while no
+// Collect waits for answers, means the holder closed (or broke) its end.
+func (cl *Client) closedByPeer() bool {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	raw, err := cl.c.SyscallConn()
+	if err != nil {
+		return true
+	}
+	closed := false
+	raw.Control(func(fd uintptr) {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(p, 0)
+		closed = err == nil && n > 0 && p[0].Revents&(unix.POLLIN|unix.POLLHUP|unix.POLLERR) != 0
+	})
+	return closed
+}
+
+// Connected says whether the holder holds what this process deposited.
+func (r *Remote) Connected() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.cl != nil
+}
+
+// Hold deposits a copy of fd under name, now or when the holder is back.
+func (r *Remote) Hold(name string, state []byte, fd int) error {
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old, ok := r.held[name]; ok {
+		unix.Close(old.FD)
+	}
+	r.held[name] = Session{Name: name, State: bytes.Clone(state), FD: dup}
+	if r.cl == nil {
+		return nil
+	}
+	return r.cl.Hold(name, state, dup)
+}
+
+// Drop forgets name here and at the holder.
+func (r *Remote) Drop(name string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old, ok := r.held[name]; ok {
+		unix.Close(old.FD)
+		delete(r.held, name)
+	}
+	if r.cl == nil {
+		return nil
+	}
+	return r.cl.Drop(name)
+}
+
+// Collect fetches what the holder holds; nothing when it is not there.
+func (r *Remote) Collect() ([]Session, error) {
+	r.mu.Lock()
+	cl := r.cl
+	r.mu.Unlock()
+	if cl == nil {
+		return nil, nil
+	}
+	return cl.Collect()
+}
+
+// Close disconnects; the holder keeps what it holds.
+func (r *Remote) Close() {
+	close(r.stop)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cl != nil {
+		r.cl.Close()
+		r.cl = nil
+	}
+	for _, s := range r.held {
+		unix.Close(s.FD)
+	}
+	r.held = nil
+}
+
+// Listen makes the holder's unix socket at path, for root only: the
+// directory is made 0700, the socket 0600, and ServeListener checks every
+// peer's credentials, since whoever can collect a connection can answer
+// its readers.
+func Listen(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	os.Remove(path) // a dead holder's socket
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// ServeListener answers every root peer that connects to l until l is
+// closed; others are refused and logged.
+func (h *Holder) ServeListener(l *net.UnixListener, log *slog.Logger) error {
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			return err
+		}
+		uid, pid, err := peer(c)
+		if err != nil || uid != 0 {
+			log.Warn("refused a connection that is not root's", "uid", uid, "pid", pid, "err", err)
+			c.Close()
+			continue
+		}
+		log.Info("server connected", "pid", pid)
+		go func() {
+			defer c.Close()
+			if err := h.Serve(c, nil); err != nil {
+				log.Warn("server connection ended", "pid", pid, "err", err)
+			}
+		}()
+	}
+}
+
+func peer(c *net.UnixConn) (uid uint32, pid int32, err error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+	if cerr != nil {
+		return 0, 0, cerr
+	}
+	return cred.Uid, cred.Pid, nil
 }
