@@ -37,7 +37,7 @@ func TestBaseRenders(t *testing.T) {
 	}
 	dec := decoder(t)
 	var kinds []string
-	var ds *appsv1.DaemonSet
+	var ds, holder *appsv1.DaemonSet
 	var driver *storagev1.CSIDriver
 	for _, r := range rm.Resources() {
 		y, err := r.AsYAML()
@@ -51,7 +51,11 @@ func TestBaseRenders(t *testing.T) {
 		kinds = append(kinds, gvk.Kind)
 		switch o := obj.(type) {
 		case *appsv1.DaemonSet:
-			ds = o
+			if o.Name == "keyfs-node" {
+				ds = o
+			} else {
+				holder = o
+			}
 		case *storagev1.CSIDriver:
 			driver = o
 		case *corev1.ServiceAccount:
@@ -64,7 +68,7 @@ func TestBaseRenders(t *testing.T) {
 		}
 	}
 	slices.Sort(kinds)
-	if want := []string{"CSIDriver", "ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"}; !slices.Equal(kinds, want) {
+	if want := []string{"CSIDriver", "ConfigMap", "DaemonSet", "DaemonSet", "Namespace", "ServiceAccount"}; !slices.Equal(kinds, want) {
 		t.Fatalf("rendered kinds %v, want %v", kinds, want)
 	}
 	if driver.Name != "keyfs.csi.dev" || *driver.Spec.AttachRequired || !*driver.Spec.PodInfoOnMount ||
@@ -86,10 +90,21 @@ func TestBaseRenders(t *testing.T) {
 		t.Error("kubelet directory is not mounted with Bidirectional propagation: pods would see empty volumes")
 	}
 	args := strings.Join(c[0].Args, " ")
-	for _, want := range []string{"serve", "--csi-endpoint=unix:///var/lib/kubelet/plugins/keyfs.csi.dev/csi.sock", "--policy=/etc/keyfs/policy.yaml"} {
+	for _, want := range []string{"serve", "--csi-endpoint=unix:///var/lib/kubelet/plugins/keyfs.csi.dev/csi.sock", "--policy=/etc/keyfs/policy.yaml",
+		"--holder-socket=/run/keyfs-holder/holder.sock"} {
 		if !strings.Contains(args, want) {
 			t.Errorf("serve args lack %q: %s", want, args)
 		}
+	}
+	// The fd holder: never rolled with keyfs-node, no token, no privilege,
+	// and the same socket.
+	hs := holder.Spec.Template.Spec
+	hc := hs.Containers[0]
+	if holder.Name != "keyfs-holder" || holder.Spec.UpdateStrategy.Type != appsv1.OnDeleteDaemonSetStrategyType ||
+		hs.AutomountServiceAccountToken == nil || *hs.AutomountServiceAccountToken || hs.HostNetwork || hs.HostPID ||
+		hc.SecurityContext.Privileged != nil && *hc.SecurityContext.Privileged || !slices.Equal(hc.SecurityContext.Capabilities.Drop, []corev1.Capability{"ALL"}) ||
+		strings.Join(hc.Args, " ") != "hold --socket=/run/keyfs-holder/holder.sock" {
+		t.Errorf("keyfs-holder DaemonSet: %+v", holder.Spec)
 	}
 }
 

@@ -47,6 +47,7 @@ func (h *harness) vars() map[string]string {
 		"KUBELET_HEALTHZ_PORT": fmt.Sprint(h.ports.KubeletHealthz),
 		"KUBELET_DIR":          h.kubeletDir(),
 		"STATE_DIR":            h.stateDir(),
+		"HOLDER_DIR":           h.path("keyfs-holder"),
 		"SWTPM_PORT":           fmt.Sprint(h.ports.SWTPM),
 		"METRICS_PORT":         fmt.Sprint(h.ports.Metrics),
 		"APISERVER_PORT":       fmt.Sprint(h.ports.APIServer),

@@ -22,9 +22,10 @@ import (
 )
 
 const (
-	keyfsNamespace = "keyfs-system"
-	keyfsDaemonSet = "keyfs-node"
-	driverName     = "keyfs.csi.dev"
+	keyfsNamespace       = "keyfs-system"
+	keyfsDaemonSet       = "keyfs-node"
+	keyfsHolderDaemonSet = "keyfs-holder"
+	driverName           = "keyfs.csi.dev"
 )
 
 // renderOverlay runs kustomize (krusty, as `kubectl apply -k` does) on

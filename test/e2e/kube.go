@@ -87,6 +87,7 @@ type watchLine struct {
 	Len    int    `json:"len"`
 	Errno  string `json:"errno"`
 	Err    string `json:"err"`
+	Stall  int64  `json:"stall_ms"`
 }
 
 func (l watchLine) Time() time.Time { return time.UnixMilli(l.MS) }
@@ -94,6 +95,9 @@ func (l watchLine) Time() time.Time { return time.UnixMilli(l.MS) }
 func (l watchLine) String() string {
 	switch l.State {
 	case "ok":
+		if l.Stall > 0 {
+			return fmt.Sprintf("reads %d bytes, sha256 %.12s…, after a %d ms stall", l.Len, l.SHA256, l.Stall)
+		}
 		return fmt.Sprintf("reads %d bytes, sha256 %.12s…", l.Len, l.SHA256)
 	case "missing":
 		return "ENOENT (no such file)"
@@ -172,7 +176,7 @@ func (h *harness) waitPodGone(ctx context.Context, p *corev1.Pod, timeout time.D
 	})
 }
 
-// deleteAllPods deletes the test pods, then the DaemonSet and its pod
+// deleteAllPods deletes the test pods, then the DaemonSets and their pods
 // (there is no garbage collector controller to do it), and waits.
 func (h *harness) deleteAllPods(ctx context.Context) error {
 	del := func(ns string) {
@@ -193,7 +197,9 @@ func (h *harness) deleteAllPods(ctx context.Context) error {
 		del(ns)
 	}
 	err := wait(testNamespaces...)
-	h.kube.AppsV1().DaemonSets(keyfsNamespace).Delete(ctx, keyfsDaemonSet, metav1.DeleteOptions{})
+	for _, ds := range []string{keyfsDaemonSet, keyfsHolderDaemonSet} {
+		h.kube.AppsV1().DaemonSets(keyfsNamespace).Delete(ctx, ds, metav1.DeleteOptions{})
+	}
 	del(keyfsNamespace)
 	return errors.Join(err, wait(keyfsNamespace))
 }

@@ -16,7 +16,7 @@ import (
 func TestOverlayRenders(t *testing.T) {
 	vars := map[string]string{
 		"IMAGE_NAME": "ghcr.io/keyfs/keyfs", "IMAGE_TAG": "e2e",
-		"KUBELET_DIR": "/tmp/keyfs-e2e-x/kubelet", "STATE_DIR": "/tmp/keyfs-e2e-x/keyfs-state",
+		"KUBELET_DIR": "/tmp/keyfs-e2e-x/kubelet", "STATE_DIR": "/tmp/keyfs-e2e-x/keyfs-state", "HOLDER_DIR": "/tmp/keyfs-e2e-x/keyfs-holder",
 		"SWTPM_PORT": "40001", "METRICS_PORT": "40003", "APISERVER_PORT": "40005",
 	}
 	for _, overlay := range []string{"overlay", "overlay-cluster"} {
@@ -41,7 +41,7 @@ func checkOverlay(t *testing.T, overlay string, vars map[string]string) {
 			t.Fatal(err)
 		}
 		all = append(all, string(b))
-		if o.GetKind() == "DaemonSet" {
+		if o.GetKind() == "DaemonSet" && o.GetName() == "keyfs-node" {
 			ds = &appsv1.DaemonSet{}
 			if err := runtime.DefaultUnstructuredConverter.FromUnstructuredWithValidation(o.Object, ds, true); err != nil {
 				t.Fatal(err)
@@ -52,7 +52,7 @@ func checkOverlay(t *testing.T, overlay string, vars map[string]string) {
 		t.Fatal("no DaemonSet rendered")
 	}
 	rendered := strings.Join(all, "---\n")
-	for _, gone := range []string{"/dev/tpmrm0", "/var/lib/kubelet", ":9810"} {
+	for _, gone := range []string{"/dev/tpmrm0", "/var/lib/kubelet", ":9810", "/run/keyfs-holder"} {
 		if strings.Contains(rendered, gone) {
 			t.Errorf("rendered manifests still hold %q", gone)
 		}

@@ -5,9 +5,11 @@
 //	e2etool pause
 //	e2etool watch FILE...
 //
-// watch reads each FILE every 100 ms and prints one JSON line to stdout
+// watch reads each FILE every 50 ms and prints one JSON line to stdout
 // whenever what it gets changes: the content's SHA-256 and length, "missing"
-// (ENOENT), or the error with its errno name (ENOTCONN, EACCES, ...). The
+// (ENOENT), or the error with its errno name (ENOTCONN, EACCES, ...). A
+// read that took 100 ms or more is a change too (stall_ms): it shows how
+// long a reader waited while keyfs restarted. The
 // harness reads these lines through the pod log API; each carries the
 // pod's wall clock in Unix milliseconds, so the harness can time changes to
 // within the poll interval.
@@ -37,7 +39,11 @@ type Line struct {
 	Len    int    `json:"len,omitempty"`
 	Errno  string `json:"errno,omitempty"`
 	Err    string `json:"err,omitempty"`
+	Stall  int64  `json:"stall_ms,omitempty"`
 }
+
+// stallMin is the shortest read duration reported as a stall.
+const stallMin = 100 * time.Millisecond
 
 func main() {
 	sig := make(chan os.Signal, 1)
@@ -53,11 +59,15 @@ func main() {
 	files := os.Args[2:]
 	last := make([]Line, len(files))
 	enc := json.NewEncoder(os.Stdout)
-	tick := time.NewTicker(100 * time.Millisecond)
+	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		for i, f := range files {
+			start := time.Now()
 			l := read(f)
+			if d := time.Since(start); d >= stallMin {
+				l.Stall = d.Milliseconds()
+			}
 			l.MS = 0
 			if l == last[i] {
 				continue
