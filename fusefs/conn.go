@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -52,8 +53,9 @@ type conn struct {
 	dev        string // "major:minor" of the mount, as the mount table shows it
 	log        *slog.Logger
 
-	mu            sync.Mutex
-	readers, idle int
+	mu      sync.Mutex // spawning readers
+	readers int
+	idle    atomic.Int32 // readers blocked waiting for a request
 
 	readersDone sync.WaitGroup
 	ended       chan struct{} // closed once the kernel ended the connection
@@ -187,15 +189,17 @@ func readRequest(fd int, buf []byte) (int, error) {
 }
 
 // serve starts the read loop; readers are added while all are busy.
-func (c *conn) serve() {
-	c.mu.Lock()
-	c.spawnLocked()
-	c.mu.Unlock()
-}
+func (c *conn) serve() { c.spawn() }
 
-func (c *conn) spawnLocked() {
+// spawn adds a reader, unless there are maxReaders already.
+func (c *conn) spawn() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.readers == maxReaders {
+		return
+	}
 	c.readers++
-	c.idle++
+	c.idle.Add(1)
 	c.readersDone.Add(1)
 	go c.loop()
 }
@@ -214,12 +218,9 @@ func (c *conn) loop() {
 			c.endOnce.Do(func() { close(c.ended) })
 			return
 		}
-		c.mu.Lock()
-		c.idle--
-		if c.idle == 0 && c.readers < maxReaders {
-			c.spawnLocked()
+		if c.idle.Add(-1) == 0 {
+			c.spawn() // keep one reader waiting while this one works
 		}
-		c.mu.Unlock()
 		m, st := c.ps.HandleRequest([][]byte{in[:n]}, [][]byte{out})
 		if st.Ok() && m > 0 {
 			// ENOENT: the request was interrupted meanwhile.
@@ -228,9 +229,7 @@ func (c *conn) loop() {
 			}
 		}
 		clear(out[:m]) // a READ reply held plaintext
-		c.mu.Lock()
-		c.idle++
-		c.mu.Unlock()
+		c.idle.Add(1)
 	}
 }
 

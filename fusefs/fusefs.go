@@ -59,8 +59,9 @@ type Options struct {
 	// the record from being read or opened (keystore.ErrIntegrity, ...).
 	OnRead func(tenant string, d time.Duration, err error)
 
-	debugLog *log.Logger      // tests: trace FUSE traffic
-	onRead   func(key string) // tests: called before a READ is answered
+	debugLog *log.Logger             // tests: trace FUSE traffic
+	onRead   func(key string)        // tests: called before a READ is answered
+	onOpen   func(key, stage string) // tests: called before and after an open's audit event
 }
 
 // ErrAuditFailed marks an open refused because its audit event could not

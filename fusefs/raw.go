@@ -226,10 +226,18 @@ func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
 		s.log.Error("cannot open key", "tenant", tenant, "key", name, "version", v.Version, "pid", ev.PID, "err", err)
 		return nil, err
 	}
+	if hook := s.o.onOpen; hook != nil {
+		hook(name, "before audit")
+	}
+	resent := in.Unique&resendBit != 0
+	if resent {
+		ev.Reason = "sent again to a successor of a keyfs that died before answering"
+	}
 	switch {
-	case in.Unique&resendBit != 0:
-		// Sent again after a takeover: the server that died with it
-		// unanswered wrote its event, if it got that far.
+	case resent && s.o.Audit.Recorded(func(e audit.Event) bool {
+		return e.Event == "open" && e.Request == ev.Request && e.PID == ev.PID && e.Tenant == tenant && e.Key == name
+	}):
+		// The server that died recorded it: once is enough.
 	case s.o.AuditRequired:
 		if aerr := s.o.Audit.Log(ev); aerr != nil {
 			clear(pt)
@@ -237,6 +245,9 @@ func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
 		}
 	default:
 		s.o.Audit.Go(ev) // written after the reply, when the logger has a queue
+	}
+	if hook := s.o.onOpen; hook != nil {
+		hook(name, "after audit")
 	}
 	return &handle{v: v, rec: rec, pt: pt, key: s.o.Key}, nil
 }
@@ -246,6 +257,7 @@ func (s *Server) event(in *fuse.InHeader, tenant, key string, version uint64) au
 	ev := s.o.Pod
 	ev.Time, ev.Event, ev.Reason = time.Time{}, "open", ""
 	ev.Tenant, ev.Key, ev.Version = tenant, key, version
+	ev.Request = in.Unique &^ resendBit
 	uid, gid := in.Uid, in.Gid
 	ci := s.callers.get(in.Pid, ev.PodUID == "")
 	ev.PID, ev.UID, ev.GID = ci.pid, &uid, &gid

@@ -3,6 +3,7 @@ package fusefs
 import (
 	"bufio"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -19,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/internal/fdpass"
 	"github.com/keyfs/keyfs/keystore"
 )
@@ -37,7 +39,7 @@ type server struct {
 func (e *env) startServer(t *testing.T, mode, mnt string, seed []byte, sess *Session) (*server, *Session) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestServerHelper$")
-	cmd.Env = append(os.Environ(), "KEYFS_TEST_SERVER="+strings.Join([]string{mode, e.store.Root(), mnt, hex.EncodeToString(seed)}, "|"))
+	cmd.Env = append(os.Environ(), "KEYFS_TEST_SERVER="+strings.Join([]string{mode, e.store.Root(), mnt, hex.EncodeToString(seed), e.audit}, "|"))
 	cmd.Stderr = os.Stderr
 	var holder *net.UnixConn
 	switch mode {
@@ -227,6 +229,59 @@ func mustPread(t *testing.T, f *os.File, b []byte) string {
 	return string(b[:n])
 }
 
+// TestResumeAuditsOpenOnce: an OPEN the killed server took is sent again
+// to its successor, which records it only if the dead one had not: one
+// open event per open, either way.
+func TestResumeAuditsOpenOnce(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "slow-open-before", "b")
+	e.put("acme", "slow-open-after", "a")
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	first, sess := e.startServer(t, "mount", mnt, e.seed, nil)
+	holdSession(t, sess)
+	done := make(chan error, 2)
+	for _, k := range []string{"slow-open-before", "slow-open-after"} {
+		go func() {
+			_, err := os.ReadFile(filepath.Join(mnt, "acme", k))
+			done <- err
+		}()
+	}
+	first.expect(t, "stalled")
+	first.expect(t, "stalled")
+	first.kill()
+	e.startServer(t, "resume", mnt, e.seed, sess)
+	for range 2 {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("open in flight at the kill: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("an open in flight at the kill never completed")
+		}
+	}
+	opens := map[string][]audit.Event{}
+	b, err := os.ReadFile(e.audit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		var ev audit.Event
+		if json.Unmarshal([]byte(line), &ev) == nil && ev.Event == "open" {
+			opens[ev.Key] = append(opens[ev.Key], ev)
+		}
+	}
+	if evs := opens["slow-open-after"]; len(evs) != 1 || evs[0].Reason != "" {
+		t.Errorf("open recorded before the kill: %d events %+v, want the one the killed server wrote", len(evs), evs)
+	}
+	if evs := opens["slow-open-before"]; len(evs) != 1 || !strings.Contains(evs[0].Reason, "sent again") {
+		t.Errorf("open not recorded before the kill: %d events %+v, want one by the successor, saying so", len(evs), evs)
+	}
+}
+
 // TestResumeRefusesOtherSettings: a successor that would answer INIT
 // differently refuses to serve the connection and says why.
 func TestResumeRefusesOtherSettings(t *testing.T) {
@@ -279,12 +334,22 @@ func TestServerHelper(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := Options{Store: x, Key: m}
+	al, err := audit.Open(f[4], audit.DefaultMaxBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := Options{Store: x, Key: m, Audit: al, AuditRequired: true}
 	if mode == "mount" {
 		o.onRead = func(key string) {
 			if key == "slow" {
 				fmt.Println("stalled")
 				select {} // until killed
+			}
+		}
+		o.onOpen = func(key, stage string) {
+			if key == "slow-open-"+strings.Fields(stage)[0] {
+				fmt.Println("stalled")
+				select {}
 			}
 		}
 	}

@@ -4,6 +4,7 @@ package audit
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -48,8 +49,11 @@ type Event struct {
 	PodName        string    `json:"pod_name,omitempty"`
 	ServiceAccount string    `json:"service_account,omitempty"`
 	Volume         string    `json:"volume,omitempty"`
-	Reason         string    `json:"reason,omitempty"`
-	MAC            string    `json:"mac,omitempty"`
+	// Request is the FUSE request of an open: a successor of a killed
+	// keyfs that is sent the request again finds whether it was recorded.
+	Request uint64 `json:"request,omitempty"`
+	Reason  string `json:"reason,omitempty"`
+	MAC     string `json:"mac,omitempty"`
 }
 
 // Checkpointer makes checkpoint MACs: the master key's kid and its MAC
@@ -212,6 +216,39 @@ func (l *Logger) Log(e Event) error {
 		l.failed = true
 	}
 	return err
+}
+
+// recentBytes is how far back Recorded looks: the events of the last
+// moments of a server that died.
+const recentBytes = 1 << 20
+
+// Recorded says whether one of the recent events of the trail's current
+// file matches. A writer without a file records nothing it can read back.
+func (l *Logger) Recorded(match func(Event) bool) bool {
+	if l == nil || l.path == "" {
+		return false
+	}
+	f, err := os.Open(l.path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return false
+	}
+	off := max(0, fi.Size()-recentBytes)
+	b := make([]byte, fi.Size()-off)
+	if _, err := f.ReadAt(b, off); err != nil && err != io.EOF {
+		return false
+	}
+	for _, line := range bytes.Split(b, []byte{'\n'}) {
+		var e Event
+		if len(line) > 0 && json.Unmarshal(line, &e) == nil && match(e) {
+			return true
+		}
+	}
+	return false
 }
 
 // append writes one event and returns its line; l.mu is held. A
