@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -29,8 +30,13 @@ const maxWrite = 128 << 10
 
 const bufSize = maxWrite + 4096
 
-// maxReaders bounds the goroutines blocked reading the connection.
-const maxReaders = 16
+// maxReaders bounds the readers of a connection, busy or not; maxIdle
+// those waiting for a request: a reader that answered goes back to
+// reading only while fewer wait, else it ends. More waiting threads only
+// spread the kernel's wake-ups over more (colder) threads.
+const maxReaders = 256
+
+var maxIdle = int32(max(2, min(16, runtime.GOMAXPROCS(0))))
 
 // Kernel notification codes (include/uapi/linux/fuse.h).
 const (
@@ -229,7 +235,26 @@ func (c *conn) loop() {
 			}
 		}
 		clear(out[:m]) // a READ reply held plaintext
-		c.idle.Add(1)
+		if !c.rejoin() {
+			return
+		}
+	}
+}
+
+// rejoin counts a reader that answered as waiting again, unless enough
+// wait already: then it ends.
+func (c *conn) rejoin() bool {
+	for {
+		n := c.idle.Load()
+		if n >= maxIdle {
+			c.mu.Lock()
+			c.readers--
+			c.mu.Unlock()
+			return false
+		}
+		if c.idle.CompareAndSwap(n, n+1) {
+			return true
+		}
 	}
 }
 
