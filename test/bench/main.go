@@ -280,6 +280,10 @@ func run() error {
 	}
 	// Idle: the mounts stay, nobody reads; what does this process (the
 	// keyfs servers, their shared store indexes) burn meanwhile?
+	// The collection of what the walk allocated is not idling: settle first.
+	runtime.GC()
+	debug.FreeOSMemory()
+	time.Sleep(2 * time.Second)
 	fmt.Fprintf(os.Stderr, "idle for %v...\n", *idle)
 	c0, t0 := selfCPU(), time.Now()
 	time.Sleep(*idle)

@@ -44,6 +44,7 @@ const settle = 500 * time.Millisecond
 var (
 	cycles  = flag.Int("cycles", 200, "publish+unpublish cycles for the latency figures")
 	volumes = flag.Int("volumes", 110, "volumes published at once")
+	idle    = flag.Duration("idle", 30*time.Second, "how long to measure the CPU of the daemon with every volume published and no reads")
 	reads   = flag.Int("reads", 2000, "key reads per read-latency sample (3 rounds)")
 )
 
@@ -199,6 +200,13 @@ func run() error {
 	if err := parallel(rest, b.publish); err != nil {
 		return err
 	}
+	// Idle: every volume published, nobody reads.
+	time.Sleep(settle)
+	fmt.Fprintf(os.Stderr, "idle for %v with %d volumes...\n", *idle, *volumes)
+	c0, i0 := procCPU(b.daemon.Process.Pid), time.Now()
+	time.Sleep(*idle)
+	idleShare := float64(procCPU(b.daemon.Process.Pid)-c0) / float64(time.Since(i0))
+	fmt.Printf("idle with %d volumes: the daemon used %.2f%% of one CPU over %v\n", *volumes, 100*idleShare, *idle)
 
 	t0 = time.Now()
 	if err := parallel(many, b.unpublish); err != nil {
@@ -217,7 +225,26 @@ func run() error {
 		fmt.Sprintf("%.2fx", float64(readN)/float64(read1)))
 	target(fmt.Sprintf("  same, reading round all %d mounts", *volumes), float64(readRR) <= 1.1*float64(read1),
 		fmt.Sprintf("%.2fx", float64(readRR)/float64(read1)))
+	target(fmt.Sprintf("idle with %d volumes <= 0.5%% of one CPU", *volumes), idleShare <= 0.005, fmt.Sprintf("%.2f%%", 100*idleShare))
 	return nil
+}
+
+// procCPU is the CPU time process pid has used, from /proc/PID/stat:
+// after the command name, utime and stime are fields 11 and 12, in clock
+// ticks (100 a second on Linux).
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	_, rest, _ := strings.Cut(string(b), ") ")
+	f := strings.Fields(rest)
+	if len(f) < 13 {
+		return 0
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * (time.Second / 100)
 }
 
 func target(what string, met bool, got string) {
