@@ -5,12 +5,14 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -25,6 +27,7 @@ import (
 
 	"github.com/keyfs/keyfs/internal/fdhold"
 	"github.com/keyfs/keyfs/internal/fusetest"
+	"github.com/keyfs/keyfs/internal/syncbuf"
 	"github.com/keyfs/keyfs/keystore"
 )
 
@@ -120,6 +123,7 @@ func startHolder(t *testing.T, sock string) *daemon {
 type daemon struct {
 	cmd  *exec.Cmd
 	done chan error
+	logs *syncbuf.Buffer // its stderr
 }
 
 func startDaemon(t *testing.T, e *env, env ...string) *daemon {
@@ -128,14 +132,15 @@ func startDaemon(t *testing.T, e *env, env ...string) *daemon {
 	cmd.Env = append(append(os.Environ(), env...), helperEnv+"=1",
 		"KEYFS_H_SEED="+hex.EncodeToString(e.seed), "KEYFS_H_STORE="+e.storeDir,
 		"KEYFS_H_KUBELET="+e.kubelet, "KEYFS_H_STATE="+e.state, "KEYFS_H_SOCK="+e.sock)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if !testing.Verbose() {
-		cmd.Stdout, cmd.Stderr = nil, nil
+	logs := &syncbuf.Buffer{}
+	cmd.Stderr = logs
+	if testing.Verbose() {
+		cmd.Stdout, cmd.Stderr = os.Stderr, io.MultiWriter(os.Stderr, logs)
 	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	dm := &daemon{cmd: cmd, done: make(chan error, 1)}
+	dm := &daemon{cmd: cmd, done: make(chan error, 1), logs: logs}
 	go func() { dm.done <- cmd.Wait() }()
 	t.Cleanup(func() { dm.kill(syscall.SIGKILL) })
 	return dm
@@ -314,6 +319,41 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 	if ms := keyfsMounts(t, e.dir); len(ms) != 0 {
 		t.Errorf("mounts left: %v", ms)
 	}
+}
+
+// TestHolderLostFallsBack: holder and daemon killed together; nothing kept
+// the connection, so the next daemon mounts the volume afresh (new pods
+// read) and says, per volume, that its running pods must be restarted.
+func TestHolderLostFallsBack(t *testing.T) {
+	fusetest.Require(t)
+	e := newStoreEnv(t)
+	t.Cleanup(func() { detachAll(t, e.dir) })
+	sock := filepath.Join(e.dir, "holder", "holder.sock")
+	holder := startHolder(t, sock)
+	holderEnv := "KEYFS_H_HOLDER=" + sock
+	r := e.request("vol-a", pod("acme", "default"), nil)
+	dm := startDaemon(t, e, holderEnv)
+	if _, err := e.dialDaemon().NodePublishVolume(context.Background(), r); err != nil {
+		t.Fatal(err)
+	}
+	holder.kill(syscall.SIGKILL)
+	dm.kill(syscall.SIGKILL)
+	if _, err := os.ReadFile(filepath.Join(r.TargetPath, "acme", "openai")); !errors.Is(err, syscall.ENOTCONN) {
+		t.Fatalf("with holder and daemon dead, a read gives %v, want ENOTCONN", err)
+	}
+	startHolder(t, sock)
+	dm = startDaemon(t, e, holderEnv)
+	node := e.dialDaemon()
+	if got := readFile(t, filepath.Join(r.TargetPath, "acme", "openai")); got != testKeys["acme/openai"] {
+		t.Fatalf("after the fallback: read %q", got)
+	}
+	if !strings.Contains(dm.logs.String(), "no holder kept the volume's connection") {
+		t.Errorf("the fallback was not logged:\n%s", dm.logs.String())
+	}
+	if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: r.VolumeId, TargetPath: r.TargetPath}); err != nil {
+		t.Fatal(err)
+	}
+	dm.kill(syscall.SIGTERM)
 }
 
 // dialDaemon connects to the child daemon's socket once it answers.

@@ -960,3 +960,37 @@ func TestViewsShareOneIndex(t *testing.T) {
 		}
 	}
 }
+
+// TestUnmountLeavesNewerMount: a view whose mount was detached (a killed
+// daemon's leftover cleaned up) and replaced by a newer one at the same
+// path must not unmount the newer one when it is finally stopped.
+func TestUnmountLeavesNewerMount(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	old, mnt := e.mount(Options{})
+	// An open file keeps the detached mount, and its server, alive.
+	f, err := os.Open(filepath.Join(mnt, "acme", "openai"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if n, err := DetachLeftover(mnt); n != 1 || err != nil {
+		t.Fatalf("DetachLeftover = %d, %v", n, err)
+	}
+	newer, err := Mount(mnt, Options{Store: e.index, Key: e.key, ReadsOwnMount: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unmount(t, newer, mnt) })
+	select {
+	case <-old.served:
+		t.Fatal("the detached view ended while a file on it is open")
+	default:
+	}
+	if err := old.Unmount(); err != nil {
+		t.Fatalf("Unmount of the detached view: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(mnt, "acme", "openai")); err != nil || string(b) != "v1" {
+		t.Fatalf("the newer mount after the old view's Unmount: %q, %v", b, err)
+	}
+}
