@@ -234,8 +234,15 @@ func TestRestartAfterSIGKILL(t *testing.T) {
 	if _, err := second.NodePublishVolume(context.Background(), reqs[0]); err != nil {
 		t.Errorf("republish after restart: %v", err)
 	}
+	stopClean(t, e, second, dm, reqs)
+}
+
+// stopClean unpublishes reqs, stops the daemon with SIGTERM and checks
+// that no mount is left.
+func stopClean(t *testing.T, e *env, node csi.NodeClient, dm *daemon, reqs []*csi.NodePublishVolumeRequest) {
+	t.Helper()
 	for _, r := range reqs {
-		if _, err := second.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: r.VolumeId, TargetPath: r.TargetPath}); err != nil {
+		if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: r.VolumeId, TargetPath: r.TargetPath}); err != nil {
 			t.Errorf("unpublish %s: %v", r.VolumeId, err)
 		}
 	}
@@ -308,17 +315,7 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 		t.Fatalf("%d of %d reads failed across the daemon's restarts", failed.Load(), reads.Load())
 	}
 	t.Logf("%d reads across kill -9, SIGTERM, holder restart + kill -9 of the daemon, 0 failed", reads.Load())
-	for _, r := range reqs {
-		if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: r.VolumeId, TargetPath: r.TargetPath}); err != nil {
-			t.Errorf("unpublish %s: %v", r.VolumeId, err)
-		}
-	}
-	if err := dm.kill(syscall.SIGTERM); err != nil {
-		t.Errorf("daemon exit after SIGTERM: %v", err)
-	}
-	if ms := keyfsMounts(t, e.dir); len(ms) != 0 {
-		t.Errorf("mounts left: %v", ms)
-	}
+	stopClean(t, e, node, dm, reqs)
 }
 
 // TestHolderLostFallsBack: holder and daemon killed together; nothing kept
@@ -350,10 +347,7 @@ func TestHolderLostFallsBack(t *testing.T) {
 	if !strings.Contains(dm.logs.String(), "no holder kept the volume's connection") {
 		t.Errorf("the fallback was not logged:\n%s", dm.logs.String())
 	}
-	if _, err := node.NodeUnpublishVolume(context.Background(), &csi.NodeUnpublishVolumeRequest{VolumeId: r.VolumeId, TargetPath: r.TargetPath}); err != nil {
-		t.Fatal(err)
-	}
-	dm.kill(syscall.SIGTERM)
+	stopClean(t, e, node, dm, []*csi.NodePublishVolumeRequest{r})
 }
 
 // dialDaemon connects to the child daemon's socket once it answers.
