@@ -2,7 +2,7 @@
 export PATH := $(PATH):/usr/local/go/bin
 GO        ?= go
 TAGS      := simulator
-FUZZTIME  ?= 10s
+FUZZTIME  ?= 200000x
 BIN       := bin
 IMAGE     ?= ghcr.io/keyfs/keyfs:v0.1.0
 
