@@ -98,7 +98,7 @@ func runHolder(sock string) int {
 		log.Error("listen", "err", err)
 		return 2
 	}
-	(&fdhold.Holder{}).ServeListener(l, log)
+	(&fdhold.Holder{}).ServeListener(l, log, 0)
 	return 1
 }
 

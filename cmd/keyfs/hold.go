@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -18,6 +19,7 @@ import (
 // keys, opens no TPM, store or network: only descriptors, for root.
 func holdCmd(g *globals) *cobra.Command {
 	var socket string
+	var orphanAfter time.Duration
 	c := &cobra.Command{
 		Use:   "hold --socket PATH",
 		Short: "Keep the volumes' FUSE connections alive while keyfs serve restarts (the fd-holder DaemonSet)",
@@ -29,7 +31,9 @@ directory, and every peer's uid is checked): whoever can collect a
 connection can answer its readers. Keep this DaemonSet on
 updateStrategy OnDelete; deleting its pod while keyfs serve runs is safe
 (keyfs deposits everything again), deleting both at once loses the
-volumes of running pods, as without it.`,
+volumes of running pods, as without it. When no keyfs has been connected
+for --orphan-timeout, the held connections are closed: their readers then
+fail instead of waiting for a keyfs that is gone for good.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(*cobra.Command, []string) error {
 			if socket == "" {
@@ -53,7 +57,7 @@ volumes of running pods, as without it.`,
 				l.Close()
 			}()
 			log.Info("holding", "socket", socket, "version", version())
-			err = h.ServeListener(l, log)
+			err = h.ServeListener(l, log, orphanAfter)
 			h.Close()
 			if errors.Is(err, net.ErrClosed) {
 				return nil
@@ -62,5 +66,6 @@ volumes of running pods, as without it.`,
 		},
 	}
 	c.Flags().StringVar(&socket, "socket", "/run/keyfs-holder/holder.sock", "unix socket keyfs serve --holder-socket connects to")
+	c.Flags().DurationVar(&orphanAfter, "orphan-timeout", 10*time.Minute, "close the held connections when no keyfs has been connected this long (their readers then fail instead of hanging); 0: never")
 	return c
 }

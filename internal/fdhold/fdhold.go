@@ -395,8 +395,40 @@ func Listen(path string) (*net.UnixListener, error) {
 }
 
 // ServeListener answers every root peer that connects to l until l is
-// closed; others are refused and logged.
-func (h *Holder) ServeListener(l *net.UnixListener, log *slog.Logger) error {
+// closed; others are refused and logged. When no server has been
+// connected for orphanAfter (0: never), the holder closes what it holds:
+// a server gone for good leaves its readers hanging while the holder
+// keeps their connections, and failing is better than hanging forever.
+func (h *Holder) ServeListener(l *net.UnixListener, log *slog.Logger, orphanAfter time.Duration) error {
+	var mu sync.Mutex
+	clients := 0
+	var orphan *time.Timer
+	joined := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		clients++
+		if orphan != nil {
+			orphan.Stop()
+			orphan = nil
+		}
+	}
+	left := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if clients--; clients == 0 && orphanAfter > 0 {
+			orphan = time.AfterFunc(orphanAfter, func() {
+				mu.Lock()
+				defer mu.Unlock()
+				if clients > 0 {
+					return
+				}
+				if n := len(h.Sessions()); n > 0 {
+					log.Warn("no keyfs collected the held connections in time: closing them, so their readers fail instead of hanging", "connections", n, "after", orphanAfter)
+					h.Close()
+				}
+			})
+		}
+	}
 	for {
 		c, err := l.AcceptUnix()
 		if err != nil {
@@ -409,7 +441,9 @@ func (h *Holder) ServeListener(l *net.UnixListener, log *slog.Logger) error {
 			continue
 		}
 		log.Info("server connected", "pid", pid)
+		joined()
 		go func() {
+			defer left()
 			defer c.Close()
 			if err := h.Serve(c, nil); err != nil {
 				log.Warn("server connection ended", "pid", pid, "err", err)
