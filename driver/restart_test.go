@@ -102,8 +102,11 @@ func runHolder(sock string) int {
 	return 1
 }
 
-func startHolder(t *testing.T, sock string) *daemon {
+// startHolder starts the holder and returns it with the environment
+// variable that points startDaemon's daemon at it.
+func startHolder(t *testing.T, e *env) (*daemon, string) {
 	t.Helper()
+	sock := filepath.Join(e.dir, "holder", "holder.sock")
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), holderEnv+"="+sock)
 	if testing.Verbose() {
@@ -116,7 +119,7 @@ func startHolder(t *testing.T, sock string) *daemon {
 	go func() { dm.done <- cmd.Wait() }()
 	t.Cleanup(func() { dm.kill(syscall.SIGKILL) })
 	waitFor(t, 5*time.Second, "the holder's socket", func() bool { _, err := os.Stat(sock); return err == nil })
-	return dm
+	return dm, "KEYFS_H_HOLDER=" + sock
 }
 
 // daemon is a driver running in a child process.
@@ -263,9 +266,7 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 	fusetest.Require(t)
 	e := newStoreEnv(t)
 	t.Cleanup(func() { detachAll(t, e.dir) })
-	sock := filepath.Join(e.dir, "holder", "holder.sock")
-	holder := startHolder(t, sock)
-	holderEnv := "KEYFS_H_HOLDER=" + sock
+	holder, holderEnv := startHolder(t, e)
 
 	p := pod("acme", "default")
 	reqs := []*csi.NodePublishVolumeRequest{e.request("vol-a", p, nil), e.request("vol-b", p, map[string]string{"keys": "openai"})}
@@ -300,7 +301,7 @@ func TestResumeAfterSIGKILL(t *testing.T) {
 	for i, how := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM, syscall.SIGKILL} {
 		if i == 2 {
 			holder.kill(syscall.SIGKILL)
-			holder = startHolder(t, sock)
+			holder, _ = startHolder(t, e)
 			time.Sleep(1500 * time.Millisecond) // the daemon reconnects each second
 		}
 		dm.kill(how)
@@ -325,9 +326,7 @@ func TestHolderLostFallsBack(t *testing.T) {
 	fusetest.Require(t)
 	e := newStoreEnv(t)
 	t.Cleanup(func() { detachAll(t, e.dir) })
-	sock := filepath.Join(e.dir, "holder", "holder.sock")
-	holder := startHolder(t, sock)
-	holderEnv := "KEYFS_H_HOLDER=" + sock
+	holder, holderEnv := startHolder(t, e)
 	r := e.request("vol-a", pod("acme", "default"), nil)
 	dm := startDaemon(t, e, holderEnv)
 	if _, err := e.dialDaemon().NodePublishVolume(context.Background(), r); err != nil {
@@ -338,7 +337,7 @@ func TestHolderLostFallsBack(t *testing.T) {
 	if _, err := os.ReadFile(filepath.Join(r.TargetPath, "acme", "openai")); !errors.Is(err, syscall.ENOTCONN) {
 		t.Fatalf("with holder and daemon dead, a read gives %v, want ENOTCONN", err)
 	}
-	startHolder(t, sock)
+	startHolder(t, e)
 	dm = startDaemon(t, e, holderEnv)
 	node := e.dialDaemon()
 	if got := readFile(t, filepath.Join(r.TargetPath, "acme", "openai")); got != testKeys["acme/openai"] {

@@ -93,9 +93,12 @@ func (d *Driver) Restore() error {
 			errs = append(errs, err)
 			continue
 		}
-		sess, ok := held[rec.VolumeID]
-		delete(held, rec.VolumeID)
-		if err := d.restoreOne(rec, sess, ok); err != nil {
+		var sess *fusefs.Session
+		if s, ok := held[rec.VolumeID]; ok {
+			sess = &s
+			delete(held, rec.VolumeID)
+		}
+		if err := d.restoreOne(rec, sess); err != nil {
 			d.log.Error("restore failed", "volume", rec.VolumeID, "target", rec.Target, "err", err)
 			errs = append(errs, fmt.Errorf("restore volume %s at %s: %w", rec.VolumeID, rec.Target, err))
 			continue
@@ -131,18 +134,21 @@ func (d *Driver) collect() map[string]fusefs.Session {
 }
 
 // restoreOne takes a recorded volume back: it resumes the connection a
-// holder kept (sess, when ok), so its pods read on, or else mounts it
-// afresh, for new pods.
-func (d *Driver) restoreOne(rec volumeRecord, sess fusefs.Session, ok bool) error {
+// holder kept (sess, if not nil), so its pods read on, or else mounts it
+// afresh, for new pods. sess's descriptor is closed unless a server took
+// it over.
+func (d *Driver) restoreOne(rec volumeRecord, sess *fusefs.Session) error {
+	defer func() {
+		if sess != nil {
+			unix.Close(sess.FD)
+		}
+	}()
 	unlock := d.locks.lock(rec.VolumeID)
 	defer unlock()
 	d.mu.Lock()
 	_, served := d.vols[rec.VolumeID]
 	d.mu.Unlock()
 	if served {
-		if ok {
-			unix.Close(sess.FD)
-		}
 		return nil
 	}
 	if err := d.checkTarget(rec.Target); err != nil {
@@ -157,18 +163,17 @@ func (d *Driver) restoreOne(rec volumeRecord, sess fusefs.Session, ok bool) erro
 	}
 	// Grants are not checked again here: the mount's Allow is evaluated
 	// live, so a tenant revoked meanwhile is simply not shown.
-	if ok && sess.Mountpoint == rec.Target {
-		srv, err := d.resume(sess, d.mountOptions(rec, params))
+	switch {
+	case sess != nil && sess.Mountpoint == rec.Target:
+		srv, err := d.resume(*sess, d.mountOptions(rec, params))
 		if err == nil {
+			sess = nil // the server's now
 			d.add(&volume{rec: rec, params: params, srv: srv})
 			d.log.Info("volume resumed", "volume", rec.VolumeID, "target", rec.Target)
 			return nil
 		}
 		d.log.Error("cannot resume the volume; mounting it afresh: its running pods must be restarted", "volume", rec.VolumeID, "target", rec.Target, "err", err)
-	}
-	if ok {
-		unix.Close(sess.FD)
-	} else if len(d.holders) > 0 {
+	case sess == nil && len(d.holders) > 0:
 		d.log.Warn("no holder kept the volume's connection; mounting it afresh: its running pods must be restarted", "volume", rec.VolumeID, "target", rec.Target)
 	}
 	err = d.mountVolume(rec, params, false)

@@ -123,7 +123,7 @@ func supervise(log *slog.Logger) error {
 			return err
 		}
 		started := time.Now()
-		log.Info("worker started", "pid", w.pid, "restart", restarts)
+		log.Info("worker started", "pid", w.proc.Pid, "restart", restarts)
 		var state *os.ProcessState
 		stopping := false
 	wait:
@@ -131,7 +131,7 @@ func supervise(log *slog.Logger) error {
 			select {
 			case s := <-sig:
 				stopping = true
-				w.signal(s)
+				w.proc.Signal(s)
 			case <-served:
 				everServed = true
 				served = nil
@@ -139,15 +139,11 @@ func supervise(log *slog.Logger) error {
 				break wait
 			}
 		}
-		code := state.ExitCode()
-		switch {
-		case code == 0 || stopping:
-			if code != 0 {
-				return workerExit{code}
-			}
+		switch code := state.ExitCode(); {
+		case code == 0:
 			return nil
-		case !everServed:
-			return workerExit{max(code, exitError)} // it said why on stderr
+		case stopping || !everServed:
+			return workerExit{max(code, exitError)} // it said why on stderr; -1: killed
 		}
 		reason = describeExit(state)
 		if time.Since(started) > stableAfter {
@@ -156,7 +152,7 @@ func supervise(log *slog.Logger) error {
 		inARow++
 		restarts++
 		wait := restartBackoff(inARow)
-		log.Warn("worker died; starting another, which takes over its mounts", "pid", w.pid, "exit", reason, "in", wait, "held", len(h.Sessions()))
+		log.Warn("worker died; starting another, which takes over its mounts", "pid", w.proc.Pid, "exit", reason, "in", wait, "held", len(h.Sessions()))
 		select {
 		case s := <-sig:
 			log.Info("stopping: unmounting the views no worker serves", "signal", s.String())
@@ -182,12 +178,9 @@ func detachHeld(log *slog.Logger, h *fdhold.Holder) {
 }
 
 type runningWorker struct {
-	pid    int
 	proc   *os.Process
 	exited chan *os.ProcessState
 }
-
-func (w *runningWorker) signal(s os.Signal) { w.proc.Signal(s) }
 
 // startWorker starts exe with this process's arguments as a worker and
 // serves its link to h. The worker gets SIGTERM if this process dies, so
@@ -225,7 +218,7 @@ func startWorker(exe string, h *fdhold.Holder, ready func(), restarts int, reaso
 	if err := <-started; err != nil {
 		return nil, fmt.Errorf("start worker: %w", err)
 	}
-	w.pid, w.proc = cmd.Process.Pid, cmd.Process
+	w.proc = cmd.Process
 	go func() {
 		defer mine.Close()
 		h.Serve(mine, ready) // ends when the worker's end closes

@@ -7,8 +7,6 @@ import (
 	"crypto/rand"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -107,52 +105,4 @@ func mountFloor(work string, value []byte) (string, error) {
 		}
 	})
 	return filepath.Join(mnt, "key"), nil
-}
-
-// selfCPU is the CPU time this process (the keyfs and floor servers) has
-// used.
-func selfCPU() time.Duration {
-	var ru unix.Rusage
-	unix.Getrusage(unix.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// procCPU is the CPU time process pid has used, from /proc/PID/stat.
-func procCPU(pid int) time.Duration {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return 0
-	}
-	// After the command name (in parentheses): state, ..., utime and
-	// stime at 11 and 12, in clock ticks (100 a second on Linux).
-	_, rest, _ := strings.Cut(string(b), ") ")
-	f := strings.Fields(rest)
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * (time.Second / 100)
-}
-
-// findProc returns the pid of the process whose command line holds every
-// one of words, or 0.
-func findProc(words ...string) int {
-	ps, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range ps {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			continue
-		}
-		cmd := strings.ReplaceAll(string(b), "\x00", " ")
-		all := true
-		for _, w := range words {
-			all = all && strings.Contains(cmd, w)
-		}
-		if all {
-			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-			return pid
-		}
-	}
-	return 0
 }

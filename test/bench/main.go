@@ -34,6 +34,7 @@ import (
 	"github.com/keyfs/keyfs/fusefs"
 	"github.com/keyfs/keyfs/internal/audit"
 	"github.com/keyfs/keyfs/keystore"
+	"github.com/keyfs/keyfs/test/internal/proc"
 )
 
 var (
@@ -218,14 +219,14 @@ func run() error {
 	if err := os.WriteFile(plain, smallKey.value, 0o600); err != nil {
 		return err
 	}
-	rows := []*row{{name: "keyfs", path: ks.path, cpu: selfCPU}, {name: "go-fuse floor", cpu: selfCPU}, {name: "tmpfs", path: plain}, {name: "gocryptfs"}}
+	rows := []*row{{name: "keyfs", path: ks.path, cpu: proc.SelfCPU}, {name: "go-fuse floor", cpu: proc.SelfCPU}, {name: "tmpfs", path: plain}, {name: "gocryptfs"}}
 	if rows[1].path, err = mountFloor(work, smallKey.value); err != nil {
 		return err
 	}
 	if rows[3].path, err = gocryptfs(work, smallKey.value); err != nil {
 		rows[3].skipped = err.Error()
-	} else if pid := findProc("gocryptfs", filepath.Join(work, "gc-cipher")); pid != 0 {
-		rows[3].cpu = func() time.Duration { return procCPU(pid) }
+	} else if pid := proc.Find("gocryptfs", filepath.Join(work, "gc-cipher")); pid != 0 {
+		rows[3].cpu = func() time.Duration { return proc.CPU(pid) }
 	}
 	// Rounds interleave the filesystems so drift on a shared machine hits
 	// them alike.
@@ -285,9 +286,9 @@ func run() error {
 	debug.FreeOSMemory()
 	time.Sleep(2 * time.Second)
 	fmt.Fprintf(os.Stderr, "idle for %v...\n", *idle)
-	c0, t0 := selfCPU(), time.Now()
+	c0, t0 := proc.SelfCPU(), time.Now()
 	time.Sleep(*idle)
-	idleShare := float64(selfCPU()-c0) / float64(time.Since(t0))
+	idleShare := float64(proc.SelfCPU()-c0) / float64(time.Since(t0))
 	printReport(rows, decrypt, ks, kl, idleShare)
 	return nil
 }

@@ -33,6 +33,7 @@ import (
 
 	"github.com/keyfs/keyfs/driver"
 	"github.com/keyfs/keyfs/keystore"
+	"github.com/keyfs/keyfs/test/internal/proc"
 )
 
 const daemonEnv = "KEYFS_BENCHCSI_DAEMON"
@@ -203,9 +204,9 @@ func run() error {
 	// Idle: every volume published, nobody reads.
 	time.Sleep(settle)
 	fmt.Fprintf(os.Stderr, "idle for %v with %d volumes...\n", *idle, *volumes)
-	c0, i0 := procCPU(b.daemon.Process.Pid), time.Now()
+	c0, i0 := proc.CPU(b.daemon.Process.Pid), time.Now()
 	time.Sleep(*idle)
-	idleShare := float64(procCPU(b.daemon.Process.Pid)-c0) / float64(time.Since(i0))
+	idleShare := float64(proc.CPU(b.daemon.Process.Pid)-c0) / float64(time.Since(i0))
 	fmt.Printf("idle with %d volumes: the daemon used %.2f%% of one CPU over %v\n", *volumes, 100*idleShare, *idle)
 
 	t0 = time.Now()
@@ -227,24 +228,6 @@ func run() error {
 		fmt.Sprintf("%.2fx", float64(readRR)/float64(read1)))
 	target(fmt.Sprintf("idle with %d volumes <= 0.5%% of one CPU", *volumes), idleShare <= 0.005, fmt.Sprintf("%.2f%%", 100*idleShare))
 	return nil
-}
-
-// procCPU is the CPU time process pid has used, from /proc/PID/stat:
-// after the command name, utime and stime are fields 11 and 12, in clock
-// ticks (100 a second on Linux).
-func procCPU(pid int) time.Duration {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	_, rest, _ := strings.Cut(string(b), ") ")
-	f := strings.Fields(rest)
-	if len(f) < 13 {
-		return 0
-	}
-	ut, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * (time.Second / 100)
 }
 
 func target(what string, met bool, got string) {
