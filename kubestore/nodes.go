@@ -82,6 +82,16 @@ func (c *Client) Approve(node, ekHash string) (*KeyfsNode, error) {
 	if err := c.rest.Put().Resource("keyfsnodes").Name(node).Body(o).Do(ctx).Into(&out); err != nil {
 		return nil, apiError("approve KeyfsNode "+node, err)
 	}
+	// An enrollment the node refused stays in its status, and issuers skip
+	// a node that has one: approving again drops it, so one is issued anew.
+	if out.Status.State == StateFailed && out.Status.Enrollment != nil {
+		out.Status = KeyfsNodeStatus{State: StateApproved, Message: "approved again; the enrollment it refused was dropped, a node holding the cluster master issues a new one"}
+		o, err := c.SetNodeStatus(&out)
+		if err != nil {
+			return nil, err
+		}
+		return o, nil
+	}
 	return &out, nil
 }
 

@@ -173,6 +173,11 @@ func TestClusterEnrollment(t *testing.T) {
 	if ok, _ := fusetest.Mounted(c.mnt); ok || c.kid() == kid {
 		t.Error("node-c took a blob made for another TPM")
 	}
+	// Approving node-c drops the blob it refused, so that one is issued anew.
+	admin.must(0, "", "node", "approve", "node-c", "--ek-hash", ekC)
+	if !c.reads("acme/openai", "sk-enroll-2", 10*time.Second) {
+		t.Fatalf("node-c not enrolled within 10 s of its approval after a refused blob:\n%s", c.log.String())
+	}
 	code, body, _ := k.Request(k.Token("admin"), http.MethodGet, "/apis/keyfs.dev/v1alpha1/keyfsclusters/default", nil)
 	var kc kubestore.KeyfsCluster
 	if code != http.StatusOK || json.Unmarshal(body, &kc) != nil || kc.Spec.KID != kid || kc.Spec.BootstrapNode != "node-a" {

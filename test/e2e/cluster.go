@@ -52,15 +52,23 @@ func (h *harness) vars() map[string]string {
 		"METRICS_PORT":         fmt.Sprint(h.ports.Metrics),
 		"APISERVER_PORT":       fmt.Sprint(h.ports.APIServer),
 		"IMAGE":                h.keyfsRef,
+		"CGROUP_ROOT":          "/",
 	}
 }
 
-func (h *harness) writeConfig(name, dest string) error {
+func (h *harness) writeConfig(name, dest string) error { return h.writeConfigVars(name, dest, nil) }
+
+// writeConfigVars is writeConfig with some variables set otherwise.
+func (h *harness) writeConfigVars(name, dest string, set map[string]string) error {
 	b, err := configFS.ReadFile("config/" + name)
 	if err != nil {
 		return err
 	}
-	s, err := expand(string(b), h.vars())
+	vars := h.vars()
+	for k, v := range set {
+		vars[k] = v
+	}
+	s, err := expand(string(b), vars)
 	if err != nil {
 		return fmt.Errorf("config/%s: %w", name, err)
 	}
@@ -228,6 +236,7 @@ func (h *harness) clusterUp(ctx context.Context) error {
 		"--root-dir=" + h.kubeletDir(), "--hostname-override=" + nodeName, "--v=2"}); err != nil {
 		return err
 	}
+	h.nodes = []string{nodeName}
 	if err := waitFor(ctx, 90*time.Second, "node Ready", func() (bool, error) {
 		if !h.running("kubelet") {
 			return false, errors.New("kubelet exited (see logs/kubelet.log)")
@@ -331,27 +340,17 @@ func (h *harness) teardown(keepLogs bool) error {
 		note(h.deleteAllPods(ctx))
 		cancel()
 	}
+	for _, err := range h.nodeBDown() {
+		note(err)
+	}
 	note(h.stopProc("kubelet", 20*time.Second))
 	if h.running("containerd") {
-		ctr := []string{"--address", h.containerdSock(), "-n", "k8s.io"}
-		if out, err := command("ctr", append(ctr, "tasks", "ls", "-q")...); err == nil {
-			for _, id := range strings.Fields(out) {
-				command("ctr", append(ctr, "tasks", "kill", "-a", "-s", "SIGKILL", id)...)
-			}
-			time.Sleep(500 * time.Millisecond)
-			for _, id := range strings.Fields(out) {
-				command("ctr", append(ctr, "tasks", "delete", "-f", id)...)
-			}
-		}
-		if out, err := command("ctr", append(ctr, "containers", "ls", "-q")...); err == nil {
-			for _, id := range strings.Fields(out) {
-				command("ctr", append(ctr, "containers", "delete", id)...)
-			}
-		}
+		killTasks(h.containerdSock())
 	}
 	note(h.stopProc("containerd", 15*time.Second))
 	note(h.killStragglers())
-	for _, p := range []string{"kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "swtpm"} {
+	// node-b's namespaces end with their anchor, the last process in them.
+	for _, p := range []string{"node-b", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "swtpm"} {
 		note(h.stopProc(p, 15*time.Second))
 	}
 	note(unmountUnder(h.root))
@@ -402,6 +401,25 @@ func (h *harness) teardown(keepLogs bool) error {
 	return nil
 }
 
+// killTasks kills and deletes every container of the containerd at sock.
+func killTasks(sock string) {
+	ctr := []string{"--address", sock, "-n", "k8s.io"}
+	if out, err := command("ctr", append(ctr, "tasks", "ls", "-q")...); err == nil {
+		for _, id := range strings.Fields(out) {
+			command("ctr", append(ctr, "tasks", "kill", "-a", "-s", "SIGKILL", id)...)
+		}
+		time.Sleep(500 * time.Millisecond)
+		for _, id := range strings.Fields(out) {
+			command("ctr", append(ctr, "tasks", "delete", "-f", id)...)
+		}
+	}
+	if out, err := command("ctr", append(ctr, "containers", "ls", "-q")...); err == nil {
+		for _, id := range strings.Fields(out) {
+			command("ctr", append(ctr, "containers", "delete", id)...)
+		}
+	}
+}
+
 // killStragglers kills, by pid, what outlives containerd: shims started
 // for this root, and processes left in the kubepods cgroups (which held
 // none when the harness started).
@@ -420,7 +438,8 @@ func (h *harness) killStragglers() error {
 		}
 	}
 	procs, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods")
-	for _, d := range procs {
+	nodeB, _ := filepath.Glob("/sys/fs/cgroup/*/node-b")
+	for _, d := range append(procs, nodeB...) {
 		filepath.Walk(d, func(p string, fi os.FileInfo, err error) error {
 			if err == nil && fi.Name() == "cgroup.procs" {
 				b, _ := os.ReadFile(p)

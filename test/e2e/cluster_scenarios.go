@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -32,7 +33,8 @@ func (h *harness) runClusterScenarios(ctx context.Context) {
 	h.check(ctx, "cluster mode: keyfs put --store kubernetes reaches a running pod within 2 s", h.clusterPut)
 	h.check(ctx, "cluster mode: an applied keyfs seal --cluster -o yaml manifest reaches the pod within 2 s", h.clusterApply)
 	h.check(ctx, "cluster mode: the keyfs pod's own token cannot write another node's KeyfsNode, approve its node, or read Secrets", h.clusterToken)
-	h.check(ctx, "cluster mode: no stored value in etcd's data directory or in the objects read back", h.clusterNoPlaintext)
+	h.runTwoNodeScenarios(ctx)
+	h.check(ctx, "cluster mode: no stored value in etcd's data directory, the nodes' state or the objects read back", h.clusterNoPlaintext)
 }
 
 var (
@@ -101,6 +103,7 @@ func (h *harness) clusterPut(ctx context.Context) (string, error) {
 		return "", err
 	}
 	h.clusterValues = append(h.clusterValues, v2)
+	h.s.clusterValue = v2
 	detail := fmt.Sprintf("a new pod read the SealedKey's value; a second put reached it %s after keyfs put returned", d.Round(10*time.Millisecond))
 	if d > 2*time.Second {
 		return detail, errors.New("slower than 2 s")
@@ -133,6 +136,7 @@ func (h *harness) clusterApply(ctx context.Context) (string, error) {
 		return "", err
 	}
 	h.clusterValues = append(h.clusterValues, v)
+	h.s.clusterValue = v
 	detail := fmt.Sprintf("SealedKey %s applied (server side, as kubectl apply --server-side); the pod read it %s later", o.GetName(), d.Round(10*time.Millisecond))
 	if d > 2*time.Second {
 		return detail, errors.New("slower than 2 s")
@@ -141,13 +145,20 @@ func (h *harness) clusterApply(ctx context.Context) (string, error) {
 }
 
 // podToken is the service account token kubelet projected into the
-// keyfs DaemonSet pod: bound to the pod, carrying the node's name.
-func (h *harness) podToken(ctx context.Context) (string, error) {
-	p, err := h.dsPod(ctx)
+// keyfs DaemonSet pod on node: bound to the pod, carrying the node's name.
+// node-b's is read through its mount namespace.
+func (h *harness) podToken(ctx context.Context, node string) (string, error) {
+	p, err := h.dsPodOn(ctx, node)
 	if err != nil {
 		return "", err
 	}
-	files, _ := filepath.Glob(filepath.Join(h.kubeletDir(), "pods", string(p.UID), "volumes", "kubernetes.io~projected", "*", "token"))
+	root := ""
+	if node == nodeBName {
+		if root, err = h.nodeBRoot(); err != nil {
+			return "", err
+		}
+	}
+	files, _ := filepath.Glob(filepath.Join(root+h.kubeletDir(), "pods", string(p.UID), "volumes", "kubernetes.io~projected", "*", "token"))
 	if len(files) != 1 {
 		return "", fmt.Errorf("want one projected token in pod %s, found %v", p.Name, files)
 	}
@@ -156,7 +167,28 @@ func (h *harness) podToken(ctx context.Context) (string, error) {
 }
 
 func (h *harness) clusterToken(ctx context.Context) (string, error) {
-	tok, err := h.podToken(ctx)
+	admin, err := dynamic.NewForConfig(h.rest)
+	if err != nil {
+		return "", err
+	}
+	node := func(name string) *unstructured.Unstructured {
+		spec := map[string]any{"ekPublic": "AAAA", "ekHash": strings.Repeat("e", 64)}
+		return &unstructured.Unstructured{Object: map[string]any{"apiVersion": "keyfs.dev/v1alpha1", "kind": "KeyfsNode", "metadata": map[string]any{"name": name}, "spec": spec}}
+	}
+	nodes := admin.Resource(keyfsNodes)
+	if _, err := nodes.Create(ctx, node("node-other"), metav1.CreateOptions{}); err != nil {
+		return "", err
+	}
+	defer nodes.Delete(context.Background(), "node-other", metav1.DeleteOptions{})
+	return h.tokenForbidden(ctx, nodeName, kubestore.StateEnrolled, "node-other")
+}
+
+// tokenForbidden checks what the token kubelet projected into node's
+// keyfs pod may do: read SealedKeys, but not update KeyfsNode other, not
+// approve its own node (whose KeyfsNode is in state), not list Secrets or
+// Pods.
+func (h *harness) tokenForbidden(ctx context.Context, nodeName, state, otherNode string) (string, error) {
+	tok, err := h.podToken(ctx, nodeName)
 	if err != nil {
 		return "", err
 	}
@@ -174,18 +206,6 @@ func (h *harness) clusterToken(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	node := func(name, approved string) *unstructured.Unstructured {
-		spec := map[string]any{"ekPublic": "AAAA", "ekHash": strings.Repeat("e", 64)}
-		if approved != "" {
-			spec["approvedEKHash"] = approved
-		}
-		return &unstructured.Unstructured{Object: map[string]any{"apiVersion": "keyfs.dev/v1alpha1", "kind": "KeyfsNode", "metadata": map[string]any{"name": name}, "spec": spec}}
-	}
-	nodes := admin.Resource(keyfsNodes)
-	if _, err := nodes.Create(ctx, node("node-other", ""), metav1.CreateOptions{}); err != nil {
-		return "", err
-	}
-	defer nodes.Delete(context.Background(), "node-other", metav1.DeleteOptions{})
 	var out []string
 	forbidden := func(what string, err error) error {
 		if !apierrors.IsForbidden(err) {
@@ -202,13 +222,13 @@ func (h *harness) clusterToken(ctx context.Context) (string, error) {
 	if _, err := dyn.Resource(sealedKeys).Namespace(keyfsNamespace).List(ctx, metav1.ListOptions{}); err != nil {
 		return "", fmt.Errorf("the pod's token cannot list SealedKeys: %w", err)
 	}
-	other, err := nodes.Get(ctx, "node-other", metav1.GetOptions{})
+	other, err := admin.Resource(keyfsNodes).Get(ctx, otherNode, metav1.GetOptions{})
 	if err != nil {
 		return "", err
 	}
 	other.Object["spec"].(map[string]any)["ekHash"] = strings.Repeat("f", 64)
 	_, err = dyn.Resource(keyfsNodes).Update(ctx, other, metav1.UpdateOptions{})
-	if err := forbidden("update KeyfsNode node-other", err); err != nil {
+	if err := forbidden("update KeyfsNode "+otherNode, err); err != nil {
 		return "", err
 	}
 	// The daemon registered its own node's KeyfsNode itself.
@@ -216,12 +236,12 @@ func (h *harness) clusterToken(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("the daemon did not register KeyfsNode %s: %w", nodeName, err)
 	}
-	state, _, _ := unstructured.NestedString(own.Object, "status", "state")
+	got, _, _ := unstructured.NestedString(own.Object, "status", "state")
 	hash, _, _ := unstructured.NestedString(own.Object, "spec", "ekHash")
-	if state != "Enrolled" || len(hash) != 64 {
-		return "", fmt.Errorf("KeyfsNode %s: state %q, EK hash %q; want Enrolled and the swtpm's EK", nodeName, state, hash)
+	if got != state || len(hash) != 64 {
+		return "", fmt.Errorf("KeyfsNode %s: state %q, EK hash %q; want %s and the swtpm's EK", nodeName, got, hash, state)
 	}
-	out = append(out, fmt.Sprintf("KeyfsNode %s registered by the daemon: Enrolled, EK %s…", nodeName, hash[:16]))
+	out = append(out, fmt.Sprintf("KeyfsNode %s registered by the daemon: %s, EK %s…", nodeName, state, hash[:16]))
 	own.Object["spec"].(map[string]any)["approvedEKHash"] = hash
 	_, err = dyn.Resource(keyfsNodes).Update(ctx, own, metav1.UpdateOptions{})
 	if err := forbidden("approve its own node", err); err != nil {
@@ -242,26 +262,33 @@ func (h *harness) clusterNoPlaintext(ctx context.Context) (string, error) {
 	if len(h.clusterValues) == 0 {
 		return "", errors.New("no value was stored in cluster mode")
 	}
-	n := 0
-	err := filepath.WalkDir(h.path("etcd"), func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return err
-		}
-		n++
-		for _, v := range h.clusterValues {
-			if strings.Contains(string(b), v) {
-				return fmt.Errorf("%s holds a stored value", p)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return "", err
+	count := map[string]int{}
+	dirs := []string{h.path("etcd"), h.stateDir()}
+	if slices.Contains(h.nodes, nodeBName) {
+		dirs = append(dirs, h.nodeBPath("keyfs-state"))
 	}
+	for _, dir := range dirs {
+		err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return err
+			}
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			count[dir]++
+			for _, v := range h.clusterValues {
+				if strings.Contains(string(b), v) {
+					return fmt.Errorf("%s holds a stored value", p)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return "", err
+		}
+	}
+	n := count[h.path("etcd")]
 	dyn, err := dynamic.NewForConfig(h.rest)
 	if err != nil {
 		return "", err
@@ -280,5 +307,6 @@ func (h *harness) clusterNoPlaintext(ctx context.Context) (string, error) {
 			return "", errors.New("a SealedKey read back holds a stored value")
 		}
 	}
-	return fmt.Sprintf("%d values stored in cluster mode; none in the %d files of etcd's data directory, none in the %d SealedKeys read back", len(h.clusterValues), n, len(l.Items)), nil
+	return fmt.Sprintf("%d values stored in cluster mode; none in the %d files of etcd's data directory, none in the %d files of the nodes' keyfs state (%d nodes), none in the %d SealedKeys read back",
+		len(h.clusterValues), n, count[h.stateDir()]+count[h.nodeBPath("keyfs-state")], len(dirs)-1, len(l.Items)), nil
 }

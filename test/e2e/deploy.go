@@ -164,18 +164,21 @@ func (h *harness) waitRegistered(ctx context.Context, timeout time.Duration) err
 	})
 }
 
-// dsPod is the DaemonSet's current pod.
-func (h *harness) dsPod(ctx context.Context) (*corev1.Pod, error) {
+// dsPod is the DaemonSet's current pod on the first node.
+func (h *harness) dsPod(ctx context.Context) (*corev1.Pod, error) { return h.dsPodOn(ctx, nodeName) }
+
+// dsPodOn is the DaemonSet's current pod on node.
+func (h *harness) dsPodOn(ctx context.Context, node string) (*corev1.Pod, error) {
 	l, err := h.kube.CoreV1().Pods(keyfsNamespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=keyfs-node"})
 	if err != nil {
 		return nil, err
 	}
 	for i := range l.Items {
-		if l.Items[i].DeletionTimestamp == nil {
+		if l.Items[i].DeletionTimestamp == nil && l.Items[i].Spec.NodeName == node {
 			return &l.Items[i], nil
 		}
 	}
-	return nil, fmt.Errorf("no keyfs-node pod")
+	return nil, fmt.Errorf("no keyfs-node pod on node %s", node)
 }
 
 func (h *harness) dsPodStatus(ctx context.Context) string {

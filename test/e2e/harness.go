@@ -38,6 +38,7 @@ type harness struct {
 	mu    sync.Mutex
 	procs map[string]*exec.Cmd
 
+	nodes         []string // the nodes started, for the summary
 	results       []result
 	s             scenarioState
 	clusterValues []string // values stored in cluster mode, looked for in etcd
@@ -59,6 +60,7 @@ type hostChanges struct {
 	MadeVarLibKubelt bool                `json:"made_var_lib_kubelet"`
 	MadeVarLogCont   bool                `json:"made_var_log_containers"`
 	MadeRunContainrd bool                `json:"made_run_containerd"`
+	NodeBCgroups     bool                `json:"node_b_cgroups"` // /sys/fs/cgroup/*/node-b
 	IPTables         map[string][]string `json:"iptables_chains_before,omitempty"`
 }
 

@@ -58,6 +58,12 @@ func readerPod(ns, name, tenants, keys string, propagation *corev1.MountPropagat
 	}
 }
 
+// onNode pins p to node.
+func onNode(p *corev1.Pod, node string) *corev1.Pod {
+	p.Spec.NodeName = node
+	return p
+}
+
 // ensureNamespace makes ns and waits for its default service account
 // (made by the ServiceAccount controller; pods need it to be admitted).
 func (h *harness) ensureNamespace(ctx context.Context, ns string) error {
@@ -108,7 +114,7 @@ func (l watchLine) String() string {
 // podLines reads the pod's e2etool lines through the API server's log
 // endpoint (which kubelet serves).
 func (h *harness) podLines(ctx context.Context, p *corev1.Pod) ([]watchLine, error) {
-	b, err := h.kube.CoreV1().Pods(p.Namespace).GetLogs(p.Name, &corev1.PodLogOptions{}).DoRaw(ctx)
+	b, err := h.podLog(ctx, p, "app", false, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -235,12 +241,16 @@ func (h *harness) dumpDiagnostics() {
 				fmt.Println(h.describePod(ctx, &l.Items[i]))
 			}
 		}
-		if p, err := h.dsPod(ctx); err == nil {
+		for _, n := range h.nodes {
+			p, err := h.dsPodOn(ctx, n)
+			if err != nil {
+				continue
+			}
 			for _, c := range []string{"init", "keyfs"} {
 				for _, prev := range []bool{false, true} {
-					b, err := h.kube.CoreV1().Pods(p.Namespace).GetLogs(p.Name, &corev1.PodLogOptions{Container: c, Previous: prev, TailLines: ptr[int64](40)}).DoRaw(ctx)
+					b, err := h.podLog(ctx, p, c, prev, 40)
 					if err == nil && len(b) > 0 {
-						fmt.Printf("---- keyfs-node %s container log (previous=%v), last 40 lines\n%s", c, prev, b)
+						fmt.Printf("---- keyfs-node on %s: %s container log (previous=%v), last 40 lines\n%s", n, c, prev, b)
 					}
 				}
 			}
@@ -248,6 +258,7 @@ func (h *harness) dumpDiagnostics() {
 	}
 	for _, f := range []struct{ log, grep string }{
 		{"kubelet", "csi|keyfs|plugin|E[0-9]{4}"}, {"containerd", "level=error"}, {"kube-apiserver", "^E[0-9]{4}"},
+		{"node-b-kubelet", "csi|keyfs|plugin|E[0-9]{4}"}, {"node-b-containerd", "level=error"},
 		{"kube-scheduler", "^E[0-9]{4}"}, {"kube-controller-manager", "^E[0-9]{4}"},
 	} {
 		out, _ := command("bash", "-c", fmt.Sprintf("grep -E %q %q | tail -25", f.grep, h.path("logs", f.log+".log")))

@@ -23,6 +23,7 @@ import (
 //	              manager, the scheduler, and the API server to kubelet
 //	kubelet       serving, localhost / 127.0.0.1
 //	kubelet-client client, O=system:nodes CN=system:node:localhost
+//	kubelet-b-client client, O=system:nodes CN=system:node:node-b
 //	sa            service account token signing key pair
 func (h *harness) writePKI() error {
 	dir := h.path("pki")
@@ -89,6 +90,9 @@ func (h *harness) writePKI() error {
 	if err := issue("kubelet-client", pkix.Name{CommonName: "system:node:" + nodeName, Organization: []string{"system:nodes"}}, false, nil, nil); err != nil {
 		return err
 	}
+	if err := issue("kubelet-b-client", pkix.Name{CommonName: "system:node:" + nodeBName, Organization: []string{"system:nodes"}}, false, nil, nil); err != nil {
+		return err
+	}
 	sa, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
@@ -103,7 +107,7 @@ func (h *harness) writePKI() error {
 	if err := writePEM(dir+"/sa.pub", "PUBLIC KEY", pub); err != nil {
 		return err
 	}
-	for name, user := range map[string]string{"admin": "admin", "kubelet": "kubelet-client"} {
+	for name, user := range map[string]string{"admin": "admin", "kubelet": "kubelet-client", "kubelet-b": "kubelet-b-client"} {
 		if err := h.writeKubeconfig(dir+"/"+name+".kubeconfig", user); err != nil {
 			return err
 		}

@@ -33,6 +33,9 @@ type scenarioState struct {
 	value  string      // acme/openai's current value
 	reader *corev1.Pod // acme/reader, running, watching /keys/acme/openai
 	target string      // its volume's target path on the host
+
+	clusterValue string      // acme/openai's value in the API
+	readerB      *corev1.Pod // acme/reader-b on node-b, watching /keys/acme/openai
 }
 
 const keyFile = "/keys/acme/openai"
@@ -89,7 +92,7 @@ func (h *harness) summary() (failed bool) {
 	pass, fail := 0, 0
 	fmt.Println()
 	fmt.Printf("cluster start: %s\n", h.clusterStart.Round(100*time.Millisecond))
-	fmt.Printf("nodes: 1 (%s)\n", nodeName)
+	fmt.Printf("nodes: %d (%s)\n", len(h.nodes), strings.Join(h.nodes, ", "))
 	for _, r := range h.results {
 		v := "PASS"
 		if r.ok {
