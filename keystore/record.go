@@ -29,7 +29,7 @@ func (e *KIDMismatchError) Error() string {
 	if len(e.Older) > 0 {
 		also = " (and older kid " + strings.Join(e.Older, ", ") + ")"
 	}
-	return fmt.Sprintf("sealed to kid %s, this node holds kid %s%s: reseal the value with this node's public key (keyfs pubkey)", e.Record, e.Have, also)
+	return fmt.Sprintf("sealed to kid %s, this node holds kid %s%s: seal the value again to this node's public key (keyfs pubkey; in cluster mode keyfs seal --cluster)", e.Record, e.Have, also)
 }
 
 func (e *KIDMismatchError) Is(target error) bool {
