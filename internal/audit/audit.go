@@ -114,11 +114,35 @@ func (l *Logger) StartQueue(n int) {
 	l.queue, l.queueDone = q, done
 	go func() {
 		defer close(done)
+		batch := make([]Event, 0, maxBatch)
 		for e := range q {
-			l.Log(e)
+			// Let a burst gather: meanwhile senders queue without waking
+			// this goroutine, and the burst costs one file lock and write.
+			batch = append(batch[:0], e)
+			time.Sleep(gatherDelay)
+		drain:
+			for len(batch) < maxBatch {
+				select {
+				case e, ok := <-q:
+					if !ok {
+						break drain
+					}
+					batch = append(batch, e)
+				default:
+					break drain
+				}
+			}
+			l.logAll(batch)
 		}
 	}()
 }
+
+// gatherDelay is how long the queue's writer waits after an event for
+// more; maxBatch bounds what it writes at once.
+const (
+	gatherDelay = time.Millisecond
+	maxBatch    = 256
+)
 
 // Go logs e without making the caller wait for the write when a queue is
 // started (it waits only while the queue is full: events are never
@@ -200,22 +224,45 @@ func (l *Logger) Log(e Event) error {
 	if l == nil {
 		return nil
 	}
+	return l.logAll([]Event{e})
+}
+
+// logAll writes events in order, with a checkpoint after every
+// CheckpointEvery of them, and returns the first failure.
+func (l *Logger) logAll(es []Event) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	_, err := l.append(e)
-	if err == nil && l.cp != nil && l.f != nil && e.Event != "checkpoint" {
-		if l.sinceCP++; l.sinceCP >= CheckpointEvery {
-			err = l.checkpointLocked()
+	var first error
+	for len(es) > 0 {
+		n := len(es)
+		chained := l.cp != nil && l.f != nil
+		if chained {
+			n = min(n, max(1, CheckpointEvery-l.sinceCP))
 		}
-	}
-	if err != nil {
-		l.failures++
-		if !l.failed && l.onFailure != nil {
-			l.onFailure(err)
+		_, err := l.appendAll(es[:n])
+		if err == nil && chained {
+			for _, e := range es[:n] {
+				if e.Event != "checkpoint" {
+					l.sinceCP++
+				}
+			}
+			if l.sinceCP >= CheckpointEvery {
+				err = l.checkpointLocked()
+			}
 		}
-		l.failed = true
+		if err != nil {
+			l.failures += n
+			if !l.failed && l.onFailure != nil {
+				l.onFailure(err)
+			}
+			l.failed = true
+			if first == nil {
+				first = err
+			}
+		}
+		es = es[n:]
 	}
-	return err
+	return first
 }
 
 // recentBytes is how far back Recorded looks: the events of the last
@@ -251,21 +298,32 @@ func (l *Logger) Recorded(match func(Event) bool) bool {
 	return false
 }
 
-// append writes one event and returns its line; l.mu is held. A
-// checkpoint gets its MAC here, over the chain head it follows, under the
-// file lock that keeps other writers from moving that head.
-func (l *Logger) append(e Event) ([]byte, error) {
-	if e.Time.IsZero() {
-		e.Time = time.Now().UTC()
-	}
+// append writes one event and returns its line; l.mu is held.
+func (l *Logger) append(e Event) ([]byte, error) { return l.appendAll([]Event{e}) }
+
+// appendAll writes events in order under one file lock, in one write
+// unless the file rotates between them, and returns the last line; l.mu
+// is held. A checkpoint gets its MAC here, over the chain head it
+// follows, under the file lock that keeps other writers from moving that
+// head.
+func (l *Logger) appendAll(es []Event) ([]byte, error) {
+	now := time.Now().UTC()
 	if l.f == nil { // a plain writer
-		line, err := json.Marshal(e)
-		if err != nil {
-			return nil, err
+		var line []byte
+		for _, e := range es {
+			if e.Time.IsZero() {
+				e.Time = now
+			}
+			b, err := json.Marshal(e)
+			if err != nil {
+				return nil, err
+			}
+			line = append(b, '\n')
+			if _, err := l.w.Write(line); err != nil {
+				return nil, err
+			}
 		}
-		line = append(line, '\n')
-		_, err = l.w.Write(line)
-		return line, err
+		return line, nil
 	}
 	if err := unix.Flock(int(l.lock.Fd()), unix.LOCK_EX); err != nil {
 		return nil, fmt.Errorf("lock audit log: %w", err)
@@ -275,32 +333,50 @@ func (l *Logger) append(e Event) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.Seq, e.Prev = l.seq+1, l.head
-	if e.Event == "checkpoint" && l.cp != nil {
-		e.KID, e.MAC = l.cp.KID(), hex.EncodeToString(l.cp.AuditMAC(CheckpointMessage(e.Prev, e.Seq)))
-	}
-	line, err := json.Marshal(e)
-	if err != nil {
-		return nil, err
-	}
-	line = append(line, '\n')
-	if l.maxBytes > 0 && size > 0 && size+int64(len(line)) > l.maxBytes {
-		if err := l.rotate(); err != nil {
-			return nil, fmt.Errorf("rotate audit log: %w", err)
+	head, seq := l.head, l.seq
+	var buf, last []byte
+	flush := func() error {
+		if len(buf) == 0 {
+			return nil
 		}
-		size = 0
+		if _, err := l.f.Write(buf); err != nil {
+			l.known = false // current() reads the head back from the file
+			return fmt.Errorf("write audit log: %w", err)
+		}
+		l.head, l.seq, l.headSize, l.known = head, seq, size, true
+		if l.tee != nil {
+			l.tee.Write(buf)
+		}
+		buf = buf[:0]
+		return nil
 	}
-	n, err := l.f.Write(line)
-	if err != nil {
-		l.known = false
-		return nil, fmt.Errorf("write audit log: %w", err)
+	for _, e := range es {
+		if e.Time.IsZero() {
+			e.Time = now
+		}
+		e.Seq, e.Prev = seq+1, head
+		if e.Event == "checkpoint" && l.cp != nil {
+			e.KID, e.MAC = l.cp.KID(), hex.EncodeToString(l.cp.AuditMAC(CheckpointMessage(e.Prev, e.Seq)))
+		}
+		line, err := json.Marshal(e)
+		if err != nil {
+			return nil, err
+		}
+		line = append(line, '\n')
+		if l.maxBytes > 0 && size > 0 && size+int64(len(line)) > l.maxBytes {
+			if err := flush(); err != nil {
+				return nil, err
+			}
+			if err := l.rotate(); err != nil {
+				return nil, fmt.Errorf("rotate audit log: %w", err)
+			}
+			size = 0
+		}
+		buf = append(buf, line...)
+		sum := sha256.Sum256(line[:len(line)-1])
+		head, seq, size, last = hex.EncodeToString(sum[:]), e.Seq, size+int64(len(line)), line
 	}
-	sum := sha256.Sum256(line[:n-1])
-	l.head, l.seq, l.headSize, l.known = hex.EncodeToString(sum[:]), e.Seq, size+int64(n), true
-	if l.tee != nil {
-		l.tee.Write(line)
-	}
-	return line, nil
+	return last, flush()
 }
 
 // current makes sure f is the file at path (another process may have

@@ -260,3 +260,60 @@ func TestQueue(t *testing.T) {
 		t.Fatalf("queued trail: %+v %v", v, err)
 	}
 }
+
+// TestQueueBatches: a burst through the queue is written in batches that
+// keep the chain across checkpoints (every CheckpointEvery events) and
+// rotations, in the order it was queued.
+func TestQueueBatches(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	l, err := Open(path, 256<<10) // rotates, but keeps every event (Keep files)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetCheckpointer(key)
+	l.StartQueue(4096)
+	n := 2*CheckpointEvery + 500
+	for i := range n {
+		l.Go(Event{Event: "open", PID: i + 1})
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	v, err := Verify(path, key.check)
+	if err != nil || !v.OK() || v.Unanchored != 0 {
+		t.Fatalf("batched trail: %+v %v", v, err)
+	}
+	var pids []int
+	checkpoints := 0
+	evs, err := Query(path, Filter{}) // path and its rotated files, oldest first
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range evs {
+		if e.Event == "checkpoint" {
+			checkpoints++
+		} else {
+			pids = append(pids, e.PID)
+		}
+	}
+	files := 1
+	for _, f := range []string{path + ".1", path + ".2", path + ".3"} {
+		if _, err := os.Stat(f); err == nil {
+			files++
+		}
+	}
+	if len(pids) != n {
+		t.Errorf("%d events read back, want %d", len(pids), n)
+	}
+	if files < 2 {
+		t.Errorf("%d files: the trail did not rotate", files)
+	}
+	if checkpoints != 3 {
+		t.Errorf("%d checkpoints, want 3 (two every %d events, one at close)", checkpoints, CheckpointEvery)
+	}
+	for i, p := range pids {
+		if p != i+1 {
+			t.Fatalf("event %d has pid %d: out of order", i, p)
+		}
+	}
+}
