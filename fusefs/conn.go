@@ -210,10 +210,16 @@ func (c *conn) spawn() {
 	go c.loop()
 }
 
+// readerBufs holds the request and reply buffers of readers that ended:
+// readers come and go with the load, and 264 kB of fresh buffers each
+// made most of a busy daemon's garbage.
+var readerBufs = sync.Pool{New: func() any { return new([2 * bufSize]byte) }}
+
 func (c *conn) loop() {
 	defer c.readersDone.Done()
-	in := make([]byte, bufSize)
-	out := make([]byte, bufSize)
+	bufs := readerBufs.Get().(*[2 * bufSize]byte)
+	defer readerBufs.Put(bufs)
+	in, out := bufs[:bufSize], bufs[bufSize:]
 	for {
 		n, err := readRequest(c.fd, in)
 		if err != nil {

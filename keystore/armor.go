@@ -38,30 +38,44 @@ const bodyColumns = 64
 // headerText is the first line and headers; records use it as AEAD
 // additional data. Since a record is accepted only in its canonical form
 // (parseArmor, sameHeaders), every header byte on disk is authenticated.
+// Exactly sized, as marshal's buffer: a daemon keeps one per key, and
+// parseArmor marshals every armor it reads again.
 func (a *armor) headerText() []byte {
-	var b bytes.Buffer
-	fmt.Fprintf(&b, "keyfs-%s %s\n", a.kind, armorVersion)
-	for _, h := range a.headers {
-		fmt.Fprintf(&b, "%s: %s\n", h.key, h.value)
-	}
-	return b.Bytes()
+	return a.appendHeaderText(make([]byte, 0, a.headerLen()))
 }
 
+func (a *armor) headerLen() int {
+	n := len("keyfs-") + len(a.kind) + 1 + len(armorVersion) + 1
+	for _, h := range a.headers {
+		n += len(h.key) + len(": ") + len(h.value) + 1
+	}
+	return n
+}
+
+func (a *armor) appendHeaderText(b []byte) []byte {
+	b = append(append(append(append(append(b, "keyfs-"...), a.kind...), ' '), armorVersion...), '\n')
+	for _, h := range a.headers {
+		b = append(append(append(append(b, h.key...), ": "...), h.value...), '\n')
+	}
+	return b
+}
+
+// bodyChunk is the body bytes of one full base64 line.
+const bodyChunk = bodyColumns / 4 * 3
+
 func (a *armor) marshal() []byte {
-	b := bytes.NewBuffer(a.headerText())
-	b.WriteByte('\n')
-	enc := base64.StdEncoding.EncodeToString(a.body)
-	for len(enc) > bodyColumns {
-		b.WriteString(enc[:bodyColumns])
-		b.WriteByte('\n')
-		enc = enc[bodyColumns:]
+	enc := base64.StdEncoding.EncodedLen(len(a.body))
+	lines := (enc + bodyColumns - 1) / bodyColumns
+	b := a.appendHeaderText(make([]byte, 0, a.headerLen()+1+enc+lines+len("end keyfs-")+len(a.kind)+1))
+	b = append(b, '\n')
+	// Chunks of whole base64 groups: their encodings, one a line, are the
+	// body's encoding cut at bodyColumns.
+	for body := a.body; len(body) > 0; {
+		n := min(len(body), bodyChunk)
+		b = append(base64.StdEncoding.AppendEncode(b, body[:n]), '\n')
+		body = body[n:]
 	}
-	if enc != "" {
-		b.WriteString(enc)
-		b.WriteByte('\n')
-	}
-	fmt.Fprintf(b, "end keyfs-%s\n", a.kind)
-	return b.Bytes()
+	return append(append(append(b, "end keyfs-"...), a.kind...), '\n')
 }
 
 // ErrNotCanonical marks an armor that is not byte for byte what keyfs writes

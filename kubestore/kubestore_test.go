@@ -358,10 +358,9 @@ func TestIndex(t *testing.T) {
 	if !strings.Contains(names["acme.stolen"], "cannot be moved") || !strings.Contains(names["acme.foreign"], "sealed to kid") {
 		t.Errorf("events do not name the objects and why: %v", names)
 	}
-	objs := x.inf.GetStore().List()
-	for _, obj := range objs {
-		if o := obj.(*SealedKey); len(o.ManagedFields) != 0 {
-			t.Errorf("%s keeps its managedFields in the cache", o.Name)
+	for _, obj := range x.inf.GetStore().List() {
+		if _, ok := obj.(*cached); !ok {
+			t.Errorf("the cache holds a %T, not slim", obj)
 		}
 	}
 	if _, err := c.Remove("acme", "openai", true); err != nil {
@@ -400,4 +399,50 @@ func poll(d time.Duration, cond func() bool) bool {
 		}
 	}
 	return true
+}
+
+// TestListSlim: the informer's list, paged when the server pages (etcd
+// honours a limit at resourceVersion ""), comes whole and slim, at the
+// list's version; the decoder takes an empty list and refuses another kind.
+func TestListSlim(t *testing.T) {
+	c, _ := client(t)
+	m := master(t)
+	for i := range 5 {
+		put(t, c, m.Public(), "acme", fmt.Sprintf("k%d", i), "v")
+	}
+	if p, err := c.ListSealedKeys(metav1.ListOptions{Limit: 2}); err != nil || p.Continue == "" {
+		t.Fatalf("the API server does not page a list of 5 at limit 2 (%v): nothing to test", err)
+	}
+	l, err := c.listSlim(t.Context(), metav1.ListOptions{Limit: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, err := c.ListSealedKeys(metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(l.Items) != 5 || l.ResourceVersion == "" || l.Continue != "" {
+		t.Fatalf("listed %d items at version %q (continue %q), want 5 at a version", len(l.Items), l.ResourceVersion, l.Continue)
+	}
+	for i, k := range l.Items {
+		if o := full.Items[i]; k.name != o.Name || k.rv != o.ResourceVersion || k.uid != o.UID || k.rec == nil || k.rec.Name != o.Spec.Name || !strings.Contains(k.writer, "field manager keyfs") {
+			t.Errorf("item %d: %+v, want %s at %s", i, k, o.Name, o.ResourceVersion)
+		}
+	}
+	for _, tc := range []struct{ json, err string }{
+		{`{"kind":"SealedKeyList","items":null,"metadata":{"resourceVersion":"7"}}`, ""},
+		{`{"metadata":{"resourceVersion":"7"},"items":[],"apiVersion":"keyfs.dev/v1alpha1"}`, ""},
+		{`{"kind":"Status","items":[]}`, "not a SealedKeyList"},
+		{`{"items":{}}`, "want an array"},
+		{`{"items":[{"metadata":{"name":"a.b"}}`, "EOF"},
+	} {
+		n := 0
+		m, err := decodeList(strings.NewReader(tc.json), func(*SealedKey) { n++ })
+		switch {
+		case tc.err == "" && (err != nil || m.ResourceVersion != "7" || n != 0):
+			t.Errorf("%s: %v, version %q, %d items", tc.json, err, m.ResourceVersion, n)
+		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
+			t.Errorf("%s: error %v, want %q", tc.json, err, tc.err)
+		}
+	}
 }

@@ -18,14 +18,17 @@ import (
 // GroupVersion of keyfs's custom resources (manifests/crds).
 var GroupVersion = schema.GroupVersion{Group: "keyfs.dev", Version: "v1alpha1"}
 
+// sealedKeyType is every SealedKey's type.
+var sealedKeyType = metav1.TypeMeta{APIVersion: GroupVersion.String(), Kind: "SealedKey"}
+
 // SealedKey holds one record: ciphertext, safe in Git and in etcd.
 type SealedKey struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
 	Spec              SealedKeySpec `json:"spec"`
 
-	// In the informer's cache: the record parsed once (Spec.Record is
-	// then dropped), or why it does not parse.
+	// The record parsed once, or why it does not parse: for a listing,
+	// and in what Watch's onChange hears of (cached.sealedKey).
 	parsed bool
 	rec    *keystore.Record
 	recErr error
@@ -165,6 +168,23 @@ func (o *SealedKeyList) DeepCopyObject() runtime.Object {
 	c.Items = make([]SealedKey, len(o.Items))
 	for i := range o.Items {
 		c.Items[i] = *o.Items[i].DeepCopyObject().(*SealedKey)
+	}
+	return &c
+}
+
+// slimList is the informer's list of SealedKeys, slim (cached), by
+// pointer: the informer takes the items as they are, no copy of each.
+type slimList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []*cached `json:"items"`
+}
+
+func (o *slimList) DeepCopyObject() runtime.Object {
+	c := *o
+	c.Items = make([]*cached, len(o.Items))
+	for i, it := range o.Items {
+		c.Items[i] = it.DeepCopyObject().(*cached)
 	}
 	return &c
 }

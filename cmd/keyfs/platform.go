@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"slices"
 	"syscall"
 	"time"
@@ -206,6 +207,13 @@ func orAll(s string) string {
 	return s
 }
 
+// lockedGCPercent is a daemon's GC percent once its memory is locked,
+// unless GOGC says otherwise. Locked, every page the heap once reached
+// stays resident, so the heap may grow a quarter past what is live (most
+// of it the index of every key), not twice it: at 30,000 SealedKeys,
+// about 80 MB live once served, 100 MB of heap rather than 160.
+const lockedGCPercent = 25
+
 // hardenProcess keeps the daemon's secrets out of swap and core dumps, or
 // refuses to go on: a daemon that holds the master key unprotected only
 // runs when the operator said so with --insecure-allow-unlocked-memory.
@@ -213,6 +221,9 @@ func hardenProcess(log *slog.Logger, what string, allowUnprotected bool) (protec
 	herr := harden.Process()
 	switch {
 	case herr == nil:
+		if os.Getenv("GOGC") == "" {
+			debug.SetGCPercent(lockedGCPercent)
+		}
 		return true, nil
 	case allowUnprotected:
 		log.Warn("running with UNPROTECTED memory (--insecure-allow-unlocked-memory): plaintext and the master key could reach swap or a core dump", "err", herr)

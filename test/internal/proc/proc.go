@@ -59,3 +59,22 @@ func Find(words ...string) int {
 	}
 	return 0
 }
+
+// Child returns the pid of a child of process pid, or 0: a keyfs daemon's
+// worker, whose supervisor is the process a bench started.
+func Child(pid int) int {
+	ps, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, p := range ps {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		// The parent's pid is the second field after the command name.
+		_, rest, _ := strings.Cut(string(b), ") ")
+		if f := strings.Fields(rest); len(f) > 1 && f[1] == strconv.Itoa(pid) {
+			c, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+			return c
+		}
+	}
+	return 0
+}

@@ -1,6 +1,7 @@
 package proc
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"testing"
@@ -33,5 +34,23 @@ func TestFind(t *testing.T) {
 	}
 	if got := Find("no such command line 5b1e"); got != 0 {
 		t.Errorf("Find of nothing = %d", got)
+	}
+}
+
+func TestChild(t *testing.T) {
+	cmd := exec.Command("sh", "-c", "sleep 27.18; true") // sh forks sleep
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var got int
+	for end := time.Now().Add(5 * time.Second); got == 0 && time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		got = Child(cmd.Process.Pid)
+	}
+	if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", got)); got == 0 || string(b) != "sleep\x0027.18\x00" {
+		t.Errorf("Child = %d (%q), want the sleep sh started", got, b)
+	}
+	if got := Child(got); got != 0 {
+		t.Errorf("Child of the sleep = %d, want 0", got)
 	}
 }
