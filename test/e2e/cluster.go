@@ -237,21 +237,7 @@ func (h *harness) clusterUp(ctx context.Context) error {
 		return err
 	}
 	h.nodes = []string{nodeName}
-	if err := waitFor(ctx, 90*time.Second, "node Ready", func() (bool, error) {
-		if !h.running("kubelet") {
-			return false, errors.New("kubelet exited (see logs/kubelet.log)")
-		}
-		n, err := h.kube.CoreV1().Nodes().Get(ctx, nodeName, metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		for _, c := range n.Status.Conditions {
-			if c.Type == corev1.NodeReady {
-				return c.Status == corev1.ConditionTrue, nil
-			}
-		}
-		return false, nil
-	}); err != nil {
+	if err := h.waitNodeReady(ctx, nodeName, "kubelet"); err != nil {
 		return err
 	}
 	for _, c := range []struct {
@@ -266,6 +252,32 @@ func (h *harness) clusterUp(ctx context.Context) error {
 		}); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// waitNodeReady waits for node's Ready condition while the kubelet the
+// harness started as proc runs.
+func (h *harness) waitNodeReady(ctx context.Context, node, proc string) error {
+	last := "not registered"
+	err := waitFor(ctx, 90*time.Second, "node "+node+" Ready", func() (bool, error) {
+		if !h.running(proc) {
+			return false, fmt.Errorf("%s exited (see logs/%s.log)", proc, proc)
+		}
+		n, err := h.kube.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		if err != nil {
+			return false, nil
+		}
+		for _, c := range n.Status.Conditions {
+			if c.Type == corev1.NodeReady {
+				last = fmt.Sprintf("%s %s: %s", c.Status, c.Reason, c.Message)
+				return c.Status == corev1.ConditionTrue, nil
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%w (Ready: %s)", err, last)
 	}
 	return nil
 }

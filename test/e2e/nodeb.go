@@ -17,7 +17,6 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"golang.org/x/sys/unix"
 )
@@ -203,27 +202,7 @@ func (h *harness) nodeBUp(ctx context.Context) error {
 		return err
 	}
 	h.nodes = append(h.nodes, nodeBName)
-	last := "not registered"
-	err = waitFor(ctx, 90*time.Second, "node-b Ready", func() (bool, error) {
-		if !h.running("node-b-kubelet") {
-			return false, errors.New("node-b's kubelet exited (see logs/node-b-kubelet.log)")
-		}
-		n, err := h.kube.CoreV1().Nodes().Get(ctx, nodeBName, metav1.GetOptions{})
-		if err != nil {
-			return false, nil
-		}
-		for _, c := range n.Status.Conditions {
-			if c.Type == corev1.NodeReady {
-				last = fmt.Sprintf("%s %s: %s", c.Status, c.Reason, c.Message)
-				return c.Status == corev1.ConditionTrue, nil
-			}
-		}
-		return false, nil
-	})
-	if err != nil {
-		return fmt.Errorf("%w (Ready: %s)", err, last)
-	}
-	return nil
+	return h.waitNodeReady(ctx, nodeBName, "node-b-kubelet")
 }
 
 // nodeBDown stops what nodeBUp started, by pid; node-b's namespaces (and
