@@ -166,7 +166,7 @@ func WrapToEK(ekPublic, secret []byte) (*Wrapped, error) {
 
 // ErrWrongEK marks a wrapped secret made for another TPM's EK; nothing was
 // sent to this TPM. The error is a *WrongEKError.
-var ErrWrongEK = errors.New("made for another TPM")
+var ErrWrongEK = errors.New("wrapped to another TPM's endorsement key")
 
 // WrongEKError names the TPM a wrapped secret was made for and this one.
 type WrongEKError struct{ For, This []byte }
