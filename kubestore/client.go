@@ -116,7 +116,7 @@ func (c *Client) ListSealedKeys(opts metav1.ListOptions) (*SealedKeyList, error)
 // `keyfs seal -o yaml` prints and `keyfs put` writes.
 func NewSealedKey(namespace string, r *keystore.Record) *SealedKey {
 	return &SealedKey{
-		TypeMeta: metav1.TypeMeta{APIVersion: GroupVersion.String(), Kind: "SealedKey"},
+		TypeMeta: sealedKeyType,
 		ObjectMeta: metav1.ObjectMeta{Name: ObjectName(r.Tenant, r.Name), Namespace: namespace,
 			Labels: map[string]string{"keyfs.dev/tenant": r.Tenant}},
 		Spec: SealedKeySpec{Tenant: r.Tenant, Name: r.Name, Record: string(r.Marshal())},

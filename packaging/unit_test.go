@@ -2,6 +2,7 @@ package packaging
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/keyfs/keyfs/internal/fusetest"
+	"github.com/keyfs/keyfs/internal/testenv"
 	"github.com/keyfs/keyfs/tpm/tpmtest"
 )
 
@@ -24,10 +26,7 @@ func need(t *testing.T, bin string) string {
 	t.Helper()
 	p, err := exec.LookPath(bin)
 	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("%s not found (CI is set, so not skipping): %v", bin, err)
-		}
-		t.Skipf("%s not found: %v", bin, err)
+		testenv.Missing(t, fmt.Sprintf("%s not found: %v", bin, err))
 	}
 	return p
 }

@@ -126,10 +126,7 @@ func (h *harness) clusterUp(ctx context.Context) error {
 	etcdURL := fmt.Sprintf("http://%s:%d", loc, h.ports.EtcdClient)
 	peerURL := fmt.Sprintf("http://%s:%d", loc, h.ports.EtcdPeer)
 
-	if err := h.startProc("swtpm", []string{"swtpm", "socket", "--tpm2",
-		fmt.Sprintf("--server=type=tcp,port=%d,bindaddr=%s", h.ports.SWTPM, loc),
-		fmt.Sprintf("--ctrl=type=tcp,port=%d,bindaddr=%s", h.ports.SWTPMCtrl, loc),
-		"--tpmstate=dir=" + h.path("swtpm"), "--flags=not-need-init,startup-clear"}); err != nil {
+	if err := h.startProc("swtpm", h.swtpmArgv()); err != nil {
 		return err
 	}
 	if err := h.startProc("etcd", []string{"etcd", "--name=keyfs-e2e", "--data-dir=" + h.path("etcd"),
@@ -175,18 +172,8 @@ func (h *harness) clusterUp(ctx context.Context) error {
 		"--enable-priority-and-fairness=false", "--profiling=false"}); err != nil {
 		return err
 	}
-	if err := waitFor(ctx, 30*time.Second, "containerd answering", func() (bool, error) {
-		_, err := command("ctr", "--address", h.containerdSock(), "version")
-		return err == nil, nil
-	}); err != nil {
+	if err := h.loadImages(ctx, nodeName, h.containerdSock()); err != nil {
 		return err
-	}
-	for _, img := range h.images {
-		t := time.Now()
-		if _, err := command("ctr", "--address", h.containerdSock(), "-n", "k8s.io", "images", "import", img); err != nil {
-			return err
-		}
-		h.logf("imported %s into containerd (%s)", filepath.Base(img), since(t))
 	}
 	if err := h.connect(); err != nil {
 		return err
@@ -252,6 +239,34 @@ func (h *harness) clusterUp(ctx context.Context) error {
 		}); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// swtpmArgv runs a node's TPM; node-b's, in its own namespaces, on the
+// same port and state path.
+func (h *harness) swtpmArgv() []string {
+	return []string{"swtpm", "socket", "--tpm2",
+		fmt.Sprintf("--server=type=tcp,port=%d,bindaddr=127.0.0.1", h.ports.SWTPM),
+		fmt.Sprintf("--ctrl=type=tcp,port=%d,bindaddr=127.0.0.1", h.ports.SWTPMCtrl),
+		"--tpmstate=dir=" + h.path("swtpm"), "--flags=not-need-init,startup-clear"}
+}
+
+// loadImages waits for node's containerd at sock and imports the images
+// (no registry is reachable).
+func (h *harness) loadImages(ctx context.Context, node, sock string) error {
+	if err := waitFor(ctx, 30*time.Second, node+"'s containerd answering", func() (bool, error) {
+		_, err := command("ctr", "--address", sock, "version")
+		return err == nil, nil
+	}); err != nil {
+		return err
+	}
+	for _, img := range h.images {
+		t := time.Now()
+		if _, err := command("ctr", "--address", sock, "-n", "k8s.io", "images", "import", img); err != nil {
+			return err
+		}
+		h.logf("imported %s into %s's containerd (%s)", filepath.Base(img), node, since(t))
 	}
 	return nil
 }
@@ -352,9 +367,7 @@ func (h *harness) teardown(keepLogs bool) error {
 		note(h.deleteAllPods(ctx))
 		cancel()
 	}
-	for _, err := range h.nodeBDown() {
-		note(err)
-	}
+	note(h.nodeBDown())
 	note(h.stopProc("kubelet", 20*time.Second))
 	if h.running("containerd") {
 		killTasks(h.containerdSock())
@@ -366,7 +379,7 @@ func (h *harness) teardown(keepLogs bool) error {
 		note(h.stopProc(p, 15*time.Second))
 	}
 	note(unmountUnder(h.root))
-	note(removeCgroups())
+	note(removeCgroups(h.changes.NodeBCgroups))
 	// kubelet's hard-coded paths outside its root directory.
 	links, _ := filepath.Glob("/var/log/containers/*")
 	for _, l := range links {
@@ -450,8 +463,11 @@ func (h *harness) killStragglers() error {
 		}
 	}
 	procs, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods")
-	nodeB, _ := filepath.Glob("/sys/fs/cgroup/*/node-b")
-	for _, d := range append(procs, nodeB...) {
+	if h.changes.NodeBCgroups {
+		nodeB, _ := filepath.Glob("/sys/fs/cgroup/*/node-b")
+		procs = append(procs, nodeB...)
+	}
+	for _, d := range procs {
 		filepath.Walk(d, func(p string, fi os.FileInfo, err error) error {
 			if err == nil && fi.Name() == "cgroup.procs" {
 				b, _ := os.ReadFile(p)

@@ -53,7 +53,7 @@ func (h *harness) clusterDeploy(ctx context.Context) (string, error) {
 	if err != nil {
 		return detail, err
 	}
-	c, err := kubestore.New(h.rest, keyfsNamespace)
+	c, err := h.admin()
 	if err != nil {
 		return detail, err
 	}
@@ -113,25 +113,12 @@ func (h *harness) clusterPut(ctx context.Context) (string, error) {
 
 func (h *harness) clusterApply(ctx context.Context) (string, error) {
 	v := randomValue("cluster-git")
-	y, err := h.keyfsCluster(v, "seal", "--cluster", "--tenant", "acme", "--name", "openai", "-o", "yaml")
+	o, err := h.sealedKey(v, "--cluster", "--tenant", "acme", "--name", "openai")
 	if err != nil {
 		return "", err
 	}
-	if strings.Contains(y, v) {
-		return "", errors.New("the manifest holds the value")
-	}
-	var o unstructured.Unstructured
-	if err := yaml.Unmarshal([]byte(y), &o.Object); err != nil {
-		return "", err
-	}
-	dyn, err := dynamic.NewForConfig(h.rest)
-	if err != nil {
-		return "", err
-	}
-	d, err := h.change(ctx, "the pod reads the applied value", func() error {
-		_, err := dyn.Resource(sealedKeys).Namespace(keyfsNamespace).Apply(ctx, o.GetName(), &o, metav1.ApplyOptions{FieldManager: "kubectl", Force: true})
-		return err
-	}, func(l watchLine) bool { return l.State == "ok" && l.SHA256 == sum(v) })
+	d, err := h.change(ctx, "the pod reads the applied value", func() error { return h.applySealedKey(ctx, o) },
+		func(l watchLine) bool { return l.State == "ok" && l.SHA256 == sum(v) })
 	if err != nil {
 		return "", err
 	}
@@ -142,6 +129,33 @@ func (h *harness) clusterApply(ctx context.Context) (string, error) {
 		return detail, errors.New("slower than 2 s")
 	}
 	return detail, nil
+}
+
+// sealedKey is the SealedKey manifest keyfs seal -o yaml prints for value
+// (as the admin, from stdin), checked not to hold it.
+func (h *harness) sealedKey(value string, args ...string) (*unstructured.Unstructured, error) {
+	y, err := h.keyfsCluster(value, append(append([]string{"seal"}, args...), "-o", "yaml")...)
+	if err != nil {
+		return nil, err
+	}
+	if strings.Contains(y, value) {
+		return nil, errors.New("the manifest holds the value")
+	}
+	var o unstructured.Unstructured
+	if err := yaml.Unmarshal([]byte(y), &o.Object); err != nil {
+		return nil, err
+	}
+	return &o, nil
+}
+
+// applySealedKey applies o as kubectl apply --server-side does.
+func (h *harness) applySealedKey(ctx context.Context, o *unstructured.Unstructured) error {
+	dyn, err := dynamic.NewForConfig(h.rest)
+	if err != nil {
+		return err
+	}
+	_, err = dyn.Resource(sealedKeys).Namespace(keyfsNamespace).Apply(ctx, o.GetName(), o, metav1.ApplyOptions{FieldManager: "kubectl", Force: true})
+	return err
 }
 
 // podToken is the service account token kubelet projected into the
@@ -187,8 +201,8 @@ func (h *harness) clusterToken(ctx context.Context) (string, error) {
 // keyfs pod may do: read SealedKeys, but not update KeyfsNode other, not
 // approve its own node (whose KeyfsNode is in state), not list Secrets or
 // Pods.
-func (h *harness) tokenForbidden(ctx context.Context, nodeName, state, otherNode string) (string, error) {
-	tok, err := h.podToken(ctx, nodeName)
+func (h *harness) tokenForbidden(ctx context.Context, node, state, otherNode string) (string, error) {
+	tok, err := h.podToken(ctx, node)
 	if err != nil {
 		return "", err
 	}
@@ -232,16 +246,16 @@ func (h *harness) tokenForbidden(ctx context.Context, nodeName, state, otherNode
 		return "", err
 	}
 	// The daemon registered its own node's KeyfsNode itself.
-	own, err := dyn.Resource(keyfsNodes).Get(ctx, nodeName, metav1.GetOptions{})
+	own, err := dyn.Resource(keyfsNodes).Get(ctx, node, metav1.GetOptions{})
 	if err != nil {
-		return "", fmt.Errorf("the daemon did not register KeyfsNode %s: %w", nodeName, err)
+		return "", fmt.Errorf("the daemon did not register KeyfsNode %s: %w", node, err)
 	}
 	got, _, _ := unstructured.NestedString(own.Object, "status", "state")
 	hash, _, _ := unstructured.NestedString(own.Object, "spec", "ekHash")
 	if got != state || len(hash) != 64 {
-		return "", fmt.Errorf("KeyfsNode %s: state %q, EK hash %q; want %s and the swtpm's EK", nodeName, got, hash, state)
+		return "", fmt.Errorf("KeyfsNode %s: state %q, EK hash %q; want %s and the swtpm's EK", node, got, hash, state)
 	}
-	out = append(out, fmt.Sprintf("KeyfsNode %s registered by the daemon: %s, EK %s…", nodeName, state, hash[:16]))
+	out = append(out, fmt.Sprintf("KeyfsNode %s registered by the daemon: %s, EK %s…", node, state, hash[:16]))
 	own.Object["spec"].(map[string]any)["approvedEKHash"] = hash
 	_, err = dyn.Resource(keyfsNodes).Update(ctx, own, metav1.UpdateOptions{})
 	if err := forbidden("approve its own node", err); err != nil {
@@ -255,7 +269,7 @@ func (h *harness) tokenForbidden(ctx context.Context, nodeName, state, otherNode
 	if err := forbidden("list Pods", err); err != nil {
 		return "", err
 	}
-	return "with the token kubelet projected into the keyfs pod (bound to it, naming node " + nodeName + "):\n" + strings.Join(out, "\n"), nil
+	return "with the token kubelet projected into the keyfs pod (bound to it, naming node " + node + "):\n" + strings.Join(out, "\n"), nil
 }
 
 func (h *harness) clusterNoPlaintext(ctx context.Context) (string, error) {

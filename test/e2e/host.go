@@ -125,11 +125,14 @@ func cgroupTasks(dir string) int {
 }
 
 // removeCgroups removes the kubepods cgroup trees kubelet made, and
-// node-b's (deepest first; a cgroup directory is removed with rmdir).
-func removeCgroups() error {
+// node-b's when the run made them (deepest first; a cgroup directory is
+// removed with rmdir).
+func removeCgroups(nodeB bool) error {
 	dirs, _ := filepath.Glob("/sys/fs/cgroup/*/kubepods")
-	nodeB, _ := filepath.Glob("/sys/fs/cgroup/*/node-b") // made by the harness, for node-b's kubelet
-	dirs = append(dirs, nodeB...)
+	if nodeB {
+		b, _ := filepath.Glob("/sys/fs/cgroup/*/node-b")
+		dirs = append(dirs, b...)
+	}
 	var errs []error
 	for _, d := range dirs {
 		var all []string

@@ -168,7 +168,6 @@ func (h *harness) nodeBUp(ctx context.Context) error {
 		return err
 	}
 
-	loc := "127.0.0.1"
 	start := func(name string, argv ...string) error {
 		a, err := h.nsenter(argv...)
 		if err != nil {
@@ -176,25 +175,14 @@ func (h *harness) nodeBUp(ctx context.Context) error {
 		}
 		return h.startProc(name, a)
 	}
-	if err := start("node-b-swtpm", "swtpm", "socket", "--tpm2",
-		fmt.Sprintf("--server=type=tcp,port=%d,bindaddr=%s", h.ports.SWTPM, loc),
-		fmt.Sprintf("--ctrl=type=tcp,port=%d,bindaddr=%s", h.ports.SWTPMCtrl, loc),
-		"--tpmstate=dir="+h.path("swtpm"), "--flags=not-need-init,startup-clear"); err != nil {
+	if err := start("node-b-swtpm", h.swtpmArgv()...); err != nil {
 		return err
 	}
 	if err := start("node-b-containerd", "containerd", "--config="+h.path("containerd.toml")); err != nil {
 		return err
 	}
-	if err := waitFor(ctx, 30*time.Second, "node-b's containerd answering", func() (bool, error) {
-		_, err := command("ctr", "--address", h.nodeBContainerdSock(), "version")
-		return err == nil, nil
-	}); err != nil {
+	if err := h.loadImages(ctx, nodeBName, h.nodeBContainerdSock()); err != nil {
 		return err
-	}
-	for _, img := range h.images {
-		if _, err := command("ctr", "--address", h.nodeBContainerdSock(), "-n", "k8s.io", "images", "import", img); err != nil {
-			return err
-		}
 	}
 	if err := start("node-b-kubelet", filepath.Join(h.k8sBin, "kubelet"),
 		"--config="+h.path("kubelet-b.yaml"), "--kubeconfig="+h.path("pki", "kubelet-b.kubeconfig"),
@@ -207,21 +195,13 @@ func (h *harness) nodeBUp(ctx context.Context) error {
 
 // nodeBDown stops what nodeBUp started, by pid; node-b's namespaces (and
 // every mount in them) go with their last process.
-func (h *harness) nodeBDown() []error {
-	var errs []error
-	note := func(err error) {
-		if err != nil {
-			errs = append(errs, err)
-			h.logf("teardown: %v", err)
-		}
-	}
-	note(h.stopProc("node-b-kubelet", 20*time.Second))
+func (h *harness) nodeBDown() error {
+	errs := []error{h.stopProc("node-b-kubelet", 20*time.Second)}
 	if h.running("node-b-containerd") {
 		killTasks(h.nodeBContainerdSock())
 	}
-	note(h.stopProc("node-b-containerd", 15*time.Second))
-	note(h.stopProc("node-b-swtpm", 15*time.Second))
-	return errs
+	errs = append(errs, h.stopProc("node-b-containerd", 15*time.Second), h.stopProc("node-b-swtpm", 15*time.Second))
+	return errors.Join(errs...)
 }
 
 // nodeBRoot is node-b's root directory, as seen through its mount namespace.

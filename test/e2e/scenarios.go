@@ -202,8 +202,13 @@ func (h *harness) change(ctx context.Context, what string, do func() error, want
 	if err := do(); err != nil {
 		return 0, err
 	}
-	done := time.Now()
-	l, err := h.waitLine(ctx, h.s.reader, 15*time.Second, what, func(l watchLine) bool { return l.MS >= done.UnixMilli()-1000 && want(l) })
+	return h.sees(ctx, h.s.reader, time.Now(), what, want)
+}
+
+// sees waits for pod p to log a line satisfying want, logged after done
+// (less a second of clock slack), and says how long after done it was.
+func (h *harness) sees(ctx context.Context, p *corev1.Pod, done time.Time, what string, want func(watchLine) bool) (time.Duration, error) {
+	l, err := h.waitLine(ctx, p, 15*time.Second, what, func(l watchLine) bool { return l.MS >= done.UnixMilli()-1000 && want(l) })
 	if err != nil {
 		return 0, err
 	}

@@ -11,10 +11,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/dynamic"
-	"sigs.k8s.io/yaml"
 
 	"github.com/keyfs/keyfs/keystore"
 	"github.com/keyfs/keyfs/kubestore"
@@ -253,11 +251,11 @@ func (h *harness) changeBoth(ctx context.Context, what string, do func() error, 
 	done := time.Now()
 	out := map[string]time.Duration{}
 	for node, p := range map[string]*corev1.Pod{nodeName: h.s.reader, nodeBName: h.s.readerB} {
-		l, err := h.waitLine(ctx, p, 15*time.Second, what+" on "+node, func(l watchLine) bool { return l.MS >= done.UnixMilli()-1000 && want(l) })
+		d, err := h.sees(ctx, p, done, what+" on "+node, want)
 		if err != nil {
 			return nil, err
 		}
-		out[node] = max(0, l.Time().Sub(done))
+		out[node] = d
 	}
 	return out, nil
 }
@@ -286,22 +284,12 @@ func (h *harness) bothNodesPut(ctx context.Context) (string, error) {
 		return detail, err
 	}
 	v2 := randomValue("two-node-git")
-	y, err := h.keyfsCluster(v2, "seal", "--cluster", "--tenant", "acme", "--name", "openai", "-o", "yaml")
+	o, err := h.sealedKey(v2, "--cluster", "--tenant", "acme", "--name", "openai")
 	if err != nil {
 		return detail, err
 	}
-	var o unstructured.Unstructured
-	if err := yaml.Unmarshal([]byte(y), &o.Object); err != nil {
-		return detail, err
-	}
-	dyn, err := dynamic.NewForConfig(h.rest)
-	if err != nil {
-		return detail, err
-	}
-	d, err = h.changeBoth(ctx, "the applied value", func() error {
-		_, err := dyn.Resource(sealedKeys).Namespace(keyfsNamespace).Apply(ctx, o.GetName(), &o, metav1.ApplyOptions{FieldManager: "kubectl", Force: true})
-		return err
-	}, func(l watchLine) bool { return l.State == "ok" && l.SHA256 == sum(v2) })
+	d, err = h.changeBoth(ctx, "the applied value", func() error { return h.applySealedKey(ctx, o) },
+		func(l watchLine) bool { return l.State == "ok" && l.SHA256 == sum(v2) })
 	if err != nil {
 		return detail, err
 	}
@@ -352,24 +340,19 @@ func (h *harness) foreignMaster(ctx context.Context) (string, error) {
 	}
 	m.Close()
 	v := randomValue("foreign-master")
-	y, err := h.runKeyfs(v, "seal", "--pubkey", pubFile, "--tenant", "acme", "--name", "stray", "-o", "yaml")
+	o, err := h.sealedKey(v, "--pubkey", pubFile, "--tenant", "acme", "--name", "stray")
 	if err != nil {
 		return "", err
 	}
 	h.clusterValues = append(h.clusterValues, v)
-	var o unstructured.Unstructured
-	if err := yaml.Unmarshal([]byte(y), &o.Object); err != nil {
-		return "", err
-	}
 	dyn, err := dynamic.NewForConfig(h.rest)
 	if err != nil {
 		return "", err
 	}
-	sk := dyn.Resource(sealedKeys).Namespace(keyfsNamespace)
-	if _, err := sk.Apply(ctx, o.GetName(), &o, metav1.ApplyOptions{FieldManager: "kubectl", Force: true}); err != nil {
+	if err := h.applySealedKey(ctx, o); err != nil {
 		return "", fmt.Errorf("the API refused a well-formed SealedKey (only the nodes can tell its master): %w", err)
 	}
-	defer sk.Delete(context.Background(), o.GetName(), metav1.DeleteOptions{})
+	defer dyn.Resource(sealedKeys).Namespace(keyfsNamespace).Delete(context.Background(), o.GetName(), metav1.DeleteOptions{})
 	const stray = "/keys/acme/stray"
 	var out []string
 	for _, node := range []string{nodeName, nodeBName} {

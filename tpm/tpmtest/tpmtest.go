@@ -5,6 +5,7 @@ package tpmtest
 
 import (
 	"crypto/sha256"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -19,7 +20,9 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/tcp"
+
 	"github.com/keyfs/keyfs/internal/syncbuf"
+	"github.com/keyfs/keyfs/internal/testenv"
 )
 
 // StartSWTPM starts a private swtpm with fresh state on free 127.0.0.1
@@ -30,10 +33,7 @@ func StartSWTPM(t testing.TB) string {
 	t.Helper()
 	bin, err := exec.LookPath("swtpm")
 	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("swtpm not found (CI is set, so not skipping): %v; apt-get install swtpm swtpm-tools", err)
-		}
-		t.Skipf("swtpm not found (%v); apt-get install swtpm swtpm-tools", err)
+		testenv.Missing(t, fmt.Sprintf("swtpm not found (%v); apt-get install swtpm swtpm-tools", err))
 	}
 	dir := t.TempDir()
 	var lastErr string
@@ -58,10 +58,7 @@ func StartSWTPMWithEKCert(t testing.TB) (spec string, caPEM []byte) {
 	bin, err := exec.LookPath("swtpm")
 	setup, err2 := exec.LookPath("swtpm_setup")
 	if err != nil || err2 != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatalf("swtpm or swtpm_setup not found (CI is set, so not skipping): %v %v; apt-get install swtpm swtpm-tools", err, err2)
-		}
-		t.Skipf("swtpm or swtpm_setup not found; apt-get install swtpm swtpm-tools")
+		testenv.Missing(t, fmt.Sprintf("swtpm or swtpm_setup not found (%v %v); apt-get install swtpm swtpm-tools", err, err2))
 	}
 	dir := t.TempDir()
 	state, ca := filepath.Join(dir, "state"), filepath.Join(dir, "ca")
