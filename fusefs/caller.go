@@ -17,7 +17,11 @@ const callerTTL = time.Second
 
 // callers maps the thread id FUSE reports to the process (thread group)
 // the audit trail names, and its pod, so an open costs no /proc read when
-// the same threads keep reading.
+// the same threads keep reading. One map serves every view of the
+// process: a reader going round a hundred mounts is learned once, not
+// once per mount.
+var sharedCallers callers
+
 type callers struct {
 	mu     sync.Mutex
 	m      map[uint32]caller
@@ -25,9 +29,10 @@ type callers struct {
 }
 
 type caller struct {
-	pid    int
-	podUID string
-	at     time.Time
+	pid     int
+	podUID  string
+	podRead bool // podUID was looked up (a view that knows its pod does not)
+	at      time.Time
 }
 
 func (c *callers) get(tid uint32, wantPod bool) caller {
@@ -35,12 +40,14 @@ func (c *callers) get(tid uint32, wantPod bool) caller {
 	c.mu.Lock()
 	ci, ok := c.m[tid]
 	c.mu.Unlock()
-	if ok && now.Sub(ci.at) < callerTTL {
+	if ok && now.Sub(ci.at) < callerTTL && (ci.podRead || !wantPod) {
 		return ci
 	}
-	ci = caller{pid: tgid(tid), at: now}
+	if !ok || now.Sub(ci.at) >= callerTTL {
+		ci = caller{pid: tgid(tid), at: now}
+	}
 	if wantPod {
-		ci.podUID = audit.PodUID(ci.pid)
+		ci.podUID, ci.podRead = audit.PodUID(ci.pid), true
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -30,14 +29,6 @@ const maxWrite = 128 << 10
 
 const bufSize = maxWrite + 4096
 
-// maxReaders bounds the readers of a connection, busy or not; maxIdle
-// those waiting for a request: a reader that answered goes back to
-// reading only while fewer wait, else it ends. More waiting threads only
-// spread the kernel's wake-ups over more (colder) threads.
-const maxReaders = 256
-
-var maxIdle = int32(max(2, min(16, runtime.GOMAXPROCS(0))))
-
 // Kernel notification codes (include/uapi/linux/fuse.h).
 const (
 	notifyInvalInode = 2
@@ -49,8 +40,9 @@ const (
 // resendBit marks a request the kernel sent again after NOTIFY_RESEND.
 const resendBit = 1 << 63
 
-// conn is one FUSE connection and its readers.
+// conn is one FUSE connection; the shared poller's readers serve it.
 type conn struct {
+	id         uint64 // its key in the poller
 	fd         int
 	mountpoint string
 	ps         *fuse.ProtocolServer
@@ -59,13 +51,14 @@ type conn struct {
 	dev        string // "major:minor" of the mount, as the mount table shows it
 	log        *slog.Logger
 
-	mu      sync.Mutex // spawning readers
-	readers int
-	idle    atomic.Int32 // readers blocked waiting for a request
-
-	readersDone sync.WaitGroup
-	ended       chan struct{} // closed once the kernel ended the connection
-	endOnce     sync.Once
+	// use is read-locked by a reader while it uses fd, and locked to
+	// close it: the number must not be reused under a reader.
+	use     sync.RWMutex
+	closed  bool
+	ended   chan struct{} // closed once the kernel ended the connection
+	endOnce sync.Once
+	poller  *poller
+	early   atomic.Bool // re-armed by mayBlock while a request is handled
 }
 
 // mountConn mounts a FUSE file system served by fs at mountpoint and
@@ -194,74 +187,77 @@ func readRequest(fd int, buf []byte) (int, error) {
 	}
 }
 
-// serve starts the read loop; readers are added while all are busy.
-func (c *conn) serve() { c.spawn() }
-
-// spawn adds a reader, unless there are maxReaders already.
-func (c *conn) spawn() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.readers == maxReaders {
-		return
+// serve adds the connection to the process's poller.
+func (c *conn) serve() error {
+	p, err := sharedPoller()
+	if err != nil {
+		return fmt.Errorf("epoll: %w", err)
 	}
-	c.readers++
-	c.idle.Add(1)
-	c.readersDone.Add(1)
-	go c.loop()
+	c.poller = p
+	// The flag is the open file's, shared with the holder's copy and
+	// with successors; a successor of this version sets it again.
+	if err := unix.SetNonblock(c.fd, true); err != nil {
+		return err
+	}
+	return p.add(c)
 }
 
-// readerBufs holds the request and reply buffers of readers that ended:
-// readers come and go with the load, and 264 kB of fresh buffers each
-// made most of a busy daemon's garbage.
+// readerBufs holds readers' request and reply buffers: readers come and
+// go with the load, and 264 kB of fresh buffers each made most of a busy
+// daemon's garbage.
 var readerBufs = sync.Pool{New: func() any { return new([2 * bufSize]byte) }}
 
-func (c *conn) loop() {
-	defer c.readersDone.Done()
-	bufs := readerBufs.Get().(*[2 * bufSize]byte)
-	defer readerBufs.Put(bufs)
-	in, out := bufs[:bufSize], bufs[bufSize:]
-	for {
-		n, err := readRequest(c.fd, in)
-		if err != nil {
-			// ENODEV: unmounted, the connection is over.
-			if err != unix.ENODEV {
-				c.log.Error("read FUSE request", "mountpoint", c.mountpoint, "err", err)
-			}
-			c.endOnce.Do(func() { close(c.ended) })
-			return
-		}
-		if c.idle.Add(-1) == 0 {
-			c.spawn() // keep one reader waiting while this one works
-		}
-		m, st := c.ps.HandleRequest([][]byte{in[:n]}, [][]byte{out})
-		if st.Ok() && m > 0 {
-			// ENOENT: the request was interrupted meanwhile.
-			if _, err := unix.Write(c.fd, out[:m]); err != nil && err != unix.ENOENT {
-				c.log.Debug("write FUSE reply", "mountpoint", c.mountpoint, "err", err)
-			}
-		}
-		clear(out[:m]) // a READ reply held plaintext
-		if !c.rejoin() {
-			return
-		}
+// read reads the request the poller saw; false when there was none.
+func (c *conn) read(in []byte) (int, bool) {
+	n, err := unix.Read(c.fd, in)
+	switch err {
+	case nil:
+		return n, true
+	case unix.EAGAIN, unix.EINTR, unix.ENOENT: // taken, or interrupted: see readRequest
+		return 0, false
+	case unix.ENODEV: // unmounted, the connection is over
+	default:
+		c.log.Error("read FUSE request", "mountpoint", c.mountpoint, "err", err)
+	}
+	c.end()
+	return 0, false
+}
+
+// mayBlock is called by a handler before something that can take long
+// (the store, a synchronous audit write): the connection is re-armed, so
+// its next requests go to other readers meanwhile.
+func (c *conn) mayBlock() {
+	if c != nil && c.poller != nil && c.early.CompareAndSwap(false, true) {
+		c.poller.rearm(c)
 	}
 }
 
-// rejoin counts a reader that answered as waiting again, unless enough
-// wait already: then it ends.
-func (c *conn) rejoin() bool {
-	for {
-		n := c.idle.Load()
-		if n >= maxIdle {
-			c.mu.Lock()
-			c.readers--
-			c.mu.Unlock()
-			return false
-		}
-		if c.idle.CompareAndSwap(n, n+1) {
-			return true
+// handle answers a request.
+func (c *conn) handle(req, out []byte) {
+	m, st := c.ps.HandleRequest([][]byte{req}, [][]byte{out})
+	if st.Ok() && m > 0 {
+		// ENOENT: the request was interrupted meanwhile.
+		if _, err := unix.Write(c.fd, out[:m]); err != nil && err != unix.ENOENT {
+			c.log.Debug("write FUSE reply", "mountpoint", c.mountpoint, "err", err)
 		}
 	}
+	clear(out[:m]) // a READ reply held plaintext
+}
+
+// end stops serving a connection the kernel ended.
+func (c *conn) end() {
+	c.endOnce.Do(func() {
+		c.poller.remove(c)
+		close(c.ended)
+	})
+}
+
+// close closes the descriptor once no reader uses it.
+func (c *conn) close() {
+	c.use.Lock()
+	defer c.use.Unlock()
+	c.closed = true
+	unix.Close(c.fd)
 }
 
 // pollProbe polls a file on the mount once, so that the kernel gets

@@ -84,7 +84,6 @@ type Server struct {
 	// snap is the store snapshot this mount shows: the kernel was told of
 	// every difference between it and the ones before.
 	snap    atomic.Pointer[keystore.Snapshot]
-	callers callers
 	nodes   nodeTable
 	handles handles
 
@@ -159,7 +158,11 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
-	s.start(c)
+	if err := s.start(c); err != nil {
+		unix.Unmount(mountpoint, unix.MNT_DETACH)
+		unix.Close(c.fd)
+		return nil, fmt.Errorf("mount %s: serve: %w", mountpoint, err)
+	}
 	return s, nil
 }
 
@@ -178,7 +181,9 @@ func Resume(sess Session, o Options) (*Server, error) {
 		return nil, fmt.Errorf("resume %s: %w", sess.Mountpoint, err)
 	}
 	s.seed()
-	s.start(c)
+	if err := s.start(c); err != nil {
+		return nil, fmt.Errorf("resume %s: serve: %w", sess.Mountpoint, err)
+	}
 	if err := c.notify(notifyResend); err != nil {
 		s.log.Warn("the kernel cannot resend the requests the old server took (Linux 6.9 can): their callers stay blocked",
 			"mountpoint", sess.Mountpoint, "err", err)
@@ -217,13 +222,14 @@ func (s *Server) invalidateAll() {
 	}
 }
 
-func (s *Server) start(c *conn) {
+func (s *Server) start(c *conn) error {
 	s.conn = c
-	c.serve()
+	if err := c.serve(); err != nil {
+		return err
+	}
 	go func() {
 		<-c.ended
-		c.readersDone.Wait()
-		unix.Close(c.fd)
+		c.close()
 		close(s.served)
 	}()
 	// A process that reads its own mount must first make the kernel learn
@@ -240,6 +246,7 @@ func (s *Server) start(c *conn) {
 	}
 	s.watching.Add(1)
 	go s.watch()
+	return nil
 }
 
 // Session returns what a successor needs to serve this view; its FD stays

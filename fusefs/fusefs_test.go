@@ -994,3 +994,115 @@ func TestUnmountLeavesNewerMount(t *testing.T) {
 		t.Fatalf("the newer mount after the old view's Unmount: %q, %v", b, err)
 	}
 }
+
+// TestMountsShareReaders: the mounts of a process are served by one pool
+// of readers, so a hundred mounts do not cost a hundred waiting threads;
+// an unmounted view leaves the pool's epoll set.
+func TestMountsShareReaders(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	threads := func() int {
+		ts, err := os.ReadDir("/proc/self/task")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ts)
+	}
+	const n = 40
+	before := threads()
+	var servers []*Server
+	var mnts []string
+	for range n {
+		s, mnt := e.mount(Options{})
+		servers, mnts = append(servers, s), append(mnts, mnt)
+	}
+	for round := range 3 {
+		for i, mnt := range mnts {
+			if got, err := os.ReadFile(filepath.Join(mnt, "acme", "openai")); err != nil || string(got) != "v1" {
+				t.Fatalf("round %d, mount %d: %q %v", round, i, got, err)
+			}
+		}
+	}
+	if grew := threads() - before; grew >= n/2 {
+		t.Errorf("%d mounts added %d threads: readers are not shared", n, grew)
+	}
+	p, err := sharedPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := func() int {
+		k := 0
+		p.conns.Range(func(_, v any) bool {
+			for _, s := range servers {
+				if s.conn == v.(*conn) {
+					k++
+				}
+			}
+			return true
+		})
+		return k
+	}
+	if got := served(); got != n {
+		t.Fatalf("the poller serves %d of the %d mounts", got, n)
+	}
+	for i, s := range servers {
+		unmount(t, s, mnts[i])
+	}
+	if got := served(); got != 0 {
+		t.Errorf("%d unmounted views are still in the poller", got)
+	}
+}
+
+// TestSlowRequestStallsNoOther: while a READ is stuck in its handler, the
+// same mount and another mount both keep answering.
+func TestSlowRequestStallsNoOther(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	e.put("acme", "slow", "slow-value")
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	stalled := make(chan struct{}, 1)
+	_, slowMnt := e.mount(Options{onRead: func(key string) {
+		if key == "slow" {
+			stalled <- struct{}{}
+			<-release
+		}
+	}})
+	_, other := e.mount(Options{})
+	slow := make(chan error, 1)
+	go func() {
+		b, err := os.ReadFile(filepath.Join(slowMnt, "acme", "slow"))
+		if err == nil && string(b) != "slow-value" {
+			err = fmt.Errorf("read %q", b)
+		}
+		slow <- err
+	}()
+	select {
+	case <-stalled:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the slow read never reached its handler")
+	}
+	for _, mnt := range []string{slowMnt, other} {
+		done := make(chan error, 1)
+		go func() {
+			b, err := os.ReadFile(filepath.Join(mnt, "acme", "openai"))
+			if err == nil && string(b) != "v1" {
+				err = fmt.Errorf("read %q", b)
+			}
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("%s: %v", mnt, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s does not answer while another read is stuck", mnt)
+		}
+	}
+	releaseOnce.Do(func() { close(release) })
+	if err := <-slow; err != nil {
+		t.Fatalf("slow read: %v", err)
+	}
+}

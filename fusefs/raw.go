@@ -107,6 +107,9 @@ func (s *Server) dirAttr(a *fuse.Attr) {
 }
 
 func (s *Server) fileAttr(v *keystore.Key, a *fuse.Attr) {
+	if !v.Cached() {
+		s.conn.mayBlock() // the record is read from the store
+	}
 	size, created := v.Attrs()
 	a.Mode = syscall.S_IFREG | s.o.FileMode
 	a.Nlink = 1
@@ -201,9 +204,13 @@ func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
 	if v == nil {
 		return nil, fmt.Errorf("%s/%s: %w", tenant, name, keystore.ErrNotFound)
 	}
+	if !v.Cached() {
+		s.conn.mayBlock()
+	}
 	rec, err := v.Record()
 	// Rotations pruned the version the snapshot names: take the newest.
 	for try := 0; errors.Is(err, keystore.ErrNotFound) && try < 5; try++ {
+		s.conn.mayBlock()
 		if rerr := s.o.Store.Refresh(); rerr != nil {
 			break
 		}
@@ -222,14 +229,19 @@ func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
 	}
 	if err != nil {
 		ev.Event, ev.Reason = "error", err.Error()
+		s.conn.mayBlock()
 		s.o.Audit.Log(ev)
 		s.log.Error("cannot open key", "tenant", tenant, "key", name, "version", v.Version, "pid", ev.PID, "err", err)
 		return nil, err
 	}
 	if hook := s.o.onOpen; hook != nil {
+		s.conn.mayBlock() // tests' hooks stall
 		hook(name, "before audit")
 	}
 	resent := in.Unique&resendBit != 0
+	if resent || s.o.AuditRequired || s.o.Audit.WouldBlock() {
+		s.conn.mayBlock() // the audit file is read or written before the reply
+	}
 	if resent {
 		ev.Reason = "sent again to a successor of a keyfs that died before answering"
 	}
@@ -259,7 +271,7 @@ func (s *Server) event(in *fuse.InHeader, tenant, key string, version uint64) au
 	ev.Tenant, ev.Key, ev.Version = tenant, key, version
 	ev.Request = in.Unique &^ resendBit
 	uid, gid := in.Uid, in.Gid
-	ci := s.callers.get(in.Pid, ev.PodUID == "")
+	ci := sharedCallers.get(in.Pid, ev.PodUID == "")
 	ev.PID, ev.UID, ev.GID = ci.pid, &uid, &gid
 	if ev.PodUID == "" {
 		ev.PodUID = ci.podUID
@@ -269,6 +281,7 @@ func (s *Server) event(in *fuse.InHeader, tenant, key string, version uint64) au
 
 func (fs *rawFS) Read(_ <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
 	if hook := fs.s.o.onRead; hook != nil {
+		fs.s.conn.mayBlock()
 		e, _ := fs.s.nodes.get(in.NodeId)
 		hook(e.key)
 	}
@@ -296,6 +309,9 @@ func (s *Server) reopen(in *fuse.ReadIn) (*handle, error) {
 	}
 	if uint32(v.Version) != fhVersion(in.Fh) && in.Offset != 0 {
 		return nil, fmt.Errorf("%s/%s version %d is gone", e.tenant, e.key, fhVersion(in.Fh))
+	}
+	if !v.Cached() {
+		s.conn.mayBlock()
 	}
 	rec, err := v.Record()
 	if err != nil {

@@ -144,6 +144,9 @@ type keyMeta struct {
 // Record returns the key's parsed record (ciphertext), from memory when
 // cached. An error wrapping ErrNotFound means it was removed since the
 // snapshot was made.
+// Cached says whether Record and Attrs answer from memory, not the store.
+func (k *Key) Cached() bool { return k.rec.Load() != nil }
+
 func (k *Key) Record() (*Record, error) {
 	if r := k.rec.Load(); r != nil {
 		return r, nil

@@ -164,6 +164,17 @@ func (l *Logger) Go(e Event) {
 	l.Log(e)
 }
 
+// WouldBlock says whether Go would wait for the file before returning:
+// there is no queue, or it is full.
+func (l *Logger) WouldBlock() bool {
+	if l == nil {
+		return false
+	}
+	l.qmu.RLock()
+	defer l.qmu.RUnlock()
+	return l.queue == nil || len(l.queue) == cap(l.queue)
+}
+
 // Keep is how many rotated files are kept (path.1 … path.Keep).
 const Keep = 3
 
