@@ -40,10 +40,11 @@ func (c *callers) get(tid uint32, wantPod bool) caller {
 	c.mu.Lock()
 	ci, ok := c.m[tid]
 	c.mu.Unlock()
-	if ok && now.Sub(ci.at) < callerTTL && (ci.podRead || !wantPod) {
+	fresh := ok && now.Sub(ci.at) < callerTTL
+	if fresh && (ci.podRead || !wantPod) {
 		return ci
 	}
-	if !ok || now.Sub(ci.at) >= callerTTL {
+	if !fresh {
 		ci = caller{pid: tgid(tid), at: now}
 	}
 	if wantPod {

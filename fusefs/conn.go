@@ -227,7 +227,7 @@ func (c *conn) read(in []byte) (int, bool) {
 // (the store, a synchronous audit write): the connection is re-armed, so
 // its next requests go to other readers meanwhile.
 func (c *conn) mayBlock() {
-	if c != nil && c.poller != nil && c.early.CompareAndSwap(false, true) {
+	if c != nil && c.early.CompareAndSwap(false, true) {
 		c.poller.rearm(c)
 	}
 }

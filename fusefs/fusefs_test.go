@@ -1070,30 +1070,15 @@ func TestSlowRequestStallsNoOther(t *testing.T) {
 		}
 	}})
 	_, other := e.mount(Options{})
-	slow := make(chan error, 1)
-	go func() {
-		b, err := os.ReadFile(filepath.Join(slowMnt, "acme", "slow"))
-		if err == nil && string(b) != "slow-value" {
-			err = fmt.Errorf("read %q", b)
-		}
-		slow <- err
-	}()
+	slow := readAsync(filepath.Join(slowMnt, "acme", "slow"), "slow-value")
 	select {
 	case <-stalled:
 	case <-time.After(5 * time.Second):
 		t.Fatal("the slow read never reached its handler")
 	}
 	for _, mnt := range []string{slowMnt, other} {
-		done := make(chan error, 1)
-		go func() {
-			b, err := os.ReadFile(filepath.Join(mnt, "acme", "openai"))
-			if err == nil && string(b) != "v1" {
-				err = fmt.Errorf("read %q", b)
-			}
-			done <- err
-		}()
 		select {
-		case err := <-done:
+		case err := <-readAsync(filepath.Join(mnt, "acme", "openai"), "v1"):
 			if err != nil {
 				t.Fatalf("%s: %v", mnt, err)
 			}
@@ -1105,4 +1090,17 @@ func TestSlowRequestStallsNoOther(t *testing.T) {
 	if err := <-slow; err != nil {
 		t.Fatalf("slow read: %v", err)
 	}
+}
+
+// readAsync reads path in a goroutine and sends why it did not read want.
+func readAsync(path, want string) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		b, err := os.ReadFile(path)
+		if err == nil && string(b) != want {
+			err = fmt.Errorf("read %q, want %q", b, want)
+		}
+		done <- err
+	}()
+	return done
 }

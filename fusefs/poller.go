@@ -66,15 +66,17 @@ func sharedPoller() (*poller, error) {
 	return thePoller, pollerErr
 }
 
-func (p *poller) event(c *conn) *unix.EpollEvent {
-	return &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: int32(uint32(c.id)), Pad: int32(c.id >> 32)}
+// ctl adds, re-arms (one-shot) or removes c's descriptor.
+func (p *poller) ctl(op int, c *conn) error {
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: int32(uint32(c.id)), Pad: int32(c.id >> 32)}
+	return unix.EpollCtl(p.epfd, op, c.fd, &ev)
 }
 
 // add starts serving c.
 func (p *poller) add(c *conn) error {
 	c.id = p.ids.Add(1)
 	p.conns.Store(c.id, c)
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, c.fd, p.event(c)); err != nil {
+	if err := p.ctl(unix.EPOLL_CTL_ADD, c); err != nil {
 		p.conns.Delete(c.id)
 		return err
 	}
@@ -83,7 +85,7 @@ func (p *poller) add(c *conn) error {
 
 // rearm lets the next request of c wake a reader.
 func (p *poller) rearm(c *conn) {
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_MOD, c.fd, p.event(c)); err != nil {
+	if err := p.ctl(unix.EPOLL_CTL_MOD, c); err != nil {
 		c.log.Error("re-arm FUSE connection", "mountpoint", c.mountpoint, "err", err)
 	}
 }
@@ -91,7 +93,7 @@ func (p *poller) rearm(c *conn) {
 // remove stops serving c. Removing the descriptor explicitly matters: a
 // holder's copy keeps the file, and with it the epoll entry, alive.
 func (p *poller) remove(c *conn) {
-	unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
+	p.ctl(unix.EPOLL_CTL_DEL, c)
 	p.conns.Delete(c.id)
 }
 
@@ -131,7 +133,8 @@ func (p *poller) reader() {
 	}
 }
 
-// serve reads a request of c, re-arms c and answers the request.
+// serve answers the requests of c until none is there, or a handler
+// re-armed c, then re-arms c.
 func (p *poller) serve(c *conn, in, out []byte) {
 	c.use.RLock()
 	defer c.use.RUnlock()
@@ -140,7 +143,7 @@ func (p *poller) serve(c *conn, in, out []byte) {
 	}
 	n, ok := c.read(in)
 	c.early.Store(false)
-	for ok && !ended(c) {
+	for ok {
 		c.handle(in[:n], out)
 		if c.early.Load() {
 			break // re-armed: other readers take the rest

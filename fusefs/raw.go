@@ -106,10 +106,16 @@ func (s *Server) dirAttr(a *fuse.Attr) {
 	a.SetTimes(nil, &s.mtime, &s.mtime)
 }
 
-func (s *Server) fileAttr(v *keystore.Key, a *fuse.Attr) {
+// loading is called before v's record is needed: when it is not in
+// memory it is read from the store, which can take long.
+func (s *Server) loading(v *keystore.Key) {
 	if !v.Cached() {
-		s.conn.mayBlock() // the record is read from the store
+		s.conn.mayBlock()
 	}
+}
+
+func (s *Server) fileAttr(v *keystore.Key, a *fuse.Attr) {
+	s.loading(v)
 	size, created := v.Attrs()
 	a.Mode = syscall.S_IFREG | s.o.FileMode
 	a.Nlink = 1
@@ -204,9 +210,7 @@ func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
 	if v == nil {
 		return nil, fmt.Errorf("%s/%s: %w", tenant, name, keystore.ErrNotFound)
 	}
-	if !v.Cached() {
-		s.conn.mayBlock()
-	}
+	s.loading(v)
 	rec, err := v.Record()
 	// Rotations pruned the version the snapshot names: take the newest.
 	for try := 0; errors.Is(err, keystore.ErrNotFound) && try < 5; try++ {
@@ -239,11 +243,9 @@ func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
 		hook(name, "before audit")
 	}
 	resent := in.Unique&resendBit != 0
-	if resent || s.o.AuditRequired || s.o.Audit.WouldBlock() {
-		s.conn.mayBlock() // the audit file is read or written before the reply
-	}
 	if resent {
 		ev.Reason = "sent again to a successor of a keyfs that died before answering"
+		s.conn.mayBlock() // Recorded reads the audit file
 	}
 	switch {
 	case resent && s.o.Audit.Recorded(func(e audit.Event) bool {
@@ -251,12 +253,13 @@ func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
 	}):
 		// The server that died recorded it: once is enough.
 	case s.o.AuditRequired:
+		s.conn.mayBlock()
 		if aerr := s.o.Audit.Log(ev); aerr != nil {
 			clear(pt)
 			return nil, fmt.Errorf("%w: %w", ErrAuditFailed, aerr)
 		}
 	default:
-		s.o.Audit.Go(ev) // written after the reply, when the logger has a queue
+		s.o.Audit.Go(ev, s.conn.mayBlock) // written after the reply, when the logger has a queue
 	}
 	if hook := s.o.onOpen; hook != nil {
 		hook(name, "after audit")
@@ -310,9 +313,7 @@ func (s *Server) reopen(in *fuse.ReadIn) (*handle, error) {
 	if uint32(v.Version) != fhVersion(in.Fh) && in.Offset != 0 {
 		return nil, fmt.Errorf("%s/%s version %d is gone", e.tenant, e.key, fhVersion(in.Fh))
 	}
-	if !v.Cached() {
-		s.conn.mayBlock()
-	}
+	s.loading(v)
 	rec, err := v.Record()
 	if err != nil {
 		return nil, err

@@ -177,14 +177,7 @@ func TestResumeAfterKill(t *testing.T) {
 			last.Store(string(b))
 		}
 	}()
-	slow := make(chan error, 1)
-	go func() {
-		b, err := os.ReadFile(filepath.Join(mnt, "acme", "slow"))
-		if err == nil && string(b) != "slow-value" {
-			err = fmt.Errorf("read %q", b)
-		}
-		slow <- err
-	}()
+	slow := readAsync(filepath.Join(mnt, "acme", "slow"), "slow-value")
 	first.expect(t, "stalled")
 	within(t, 5*time.Second, "20 reads before the kill", func() bool { return reads.Load() >= 20 })
 	first.kill()

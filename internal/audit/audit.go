@@ -146,8 +146,10 @@ const (
 
 // Go logs e without making the caller wait for the write when a queue is
 // started (it waits only while the queue is full: events are never
-// dropped); a failure is counted and reported like Log's.
-func (l *Logger) Go(e Event) {
+// dropped); a failure is counted and reported like Log's. wait, if not
+// nil, is called before Go waits: for a full queue, or for the file when
+// there is no queue.
+func (l *Logger) Go(e Event, wait func()) {
 	if l == nil {
 		return
 	}
@@ -156,23 +158,22 @@ func (l *Logger) Go(e Event) {
 	}
 	l.qmu.RLock()
 	if l.queue != nil {
-		l.queue <- e // the writer drains it without qmu
+		select {
+		case l.queue <- e: // the writer drains it without qmu
+		default:
+			if wait != nil {
+				wait()
+			}
+			l.queue <- e
+		}
 		l.qmu.RUnlock()
 		return
 	}
 	l.qmu.RUnlock()
-	l.Log(e)
-}
-
-// WouldBlock says whether Go would wait for the file before returning:
-// there is no queue, or it is full.
-func (l *Logger) WouldBlock() bool {
-	if l == nil {
-		return false
+	if wait != nil {
+		wait()
 	}
-	l.qmu.RLock()
-	defer l.qmu.RUnlock()
-	return l.queue == nil || len(l.queue) == cap(l.queue)
+	l.Log(e)
 }
 
 // Keep is how many rotated files are kept (path.1 … path.Keep).

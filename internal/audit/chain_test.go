@@ -243,7 +243,7 @@ func TestQueue(t *testing.T) {
 	for i := range 4 {
 		wg.Go(func() {
 			for j := range 50 {
-				l.Go(Event{Event: "open", PID: i*100 + j})
+				l.Go(Event{Event: "open", PID: i*100 + j}, nil)
 			}
 		})
 	}
@@ -251,7 +251,7 @@ func TestQueue(t *testing.T) {
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
 	}
-	l.Go(Event{Event: "open"}) // after Close: no panic, counted as a failure
+	l.Go(Event{Event: "open"}, nil) // after Close: no panic, counted as a failure
 	if l.Failures() != 1 {
 		t.Errorf("failures %d, want 1 (the event after Close)", l.Failures())
 	}
@@ -274,7 +274,7 @@ func TestQueueBatches(t *testing.T) {
 	l.StartQueue(4096)
 	n := 2*CheckpointEvery + 500
 	for i := range n {
-		l.Go(Event{Event: "open", PID: i + 1})
+		l.Go(Event{Event: "open", PID: i + 1}, nil)
 	}
 	if err := l.Close(); err != nil {
 		t.Fatal(err)
