@@ -59,6 +59,9 @@ type conn struct {
 	endOnce sync.Once
 	poller  *poller
 	early   atomic.Bool // re-armed by mayBlock while a request is handled
+
+	passthrough atomic.Bool     // opens may be given memory files (passthrough.go)
+	lostOpen    func(fh uint64) // ends a handle whose OPEN reply the kernel refused
 }
 
 // mountConn mounts a FUSE file system served by fs at mountpoint and
@@ -112,6 +115,7 @@ func mountConn(mountpoint string, fs fuse.RawFileSystem, mo *fuse.MountOptions, 
 	if _, err := unix.Write(fd, c.reply); err != nil {
 		return fail(fmt.Errorf("write INIT reply: %w", err))
 	}
+	c.passthrough.Store(negotiatedPassthrough(c.reply))
 	return c, nil
 }
 
@@ -132,12 +136,15 @@ func resumeConn(sess Session, fs fuse.RawFileSystem, mo *fuse.MountOptions, log 
 	unix.CloseOnExec(sess.FD)
 	c := newConn(sess.FD, sess.Mountpoint, fs, mo, log)
 	c.init, c.reply, c.dev = sess.Init, sess.Reply, sess.Dev
+	c.passthrough.Store(negotiatedPassthrough(sess.Reply))
 	out := make([]byte, bufSize)
 	m, st := c.ps.HandleRequest([][]byte{bytes.Clone(sess.Init)}, [][]byte{out})
 	if !st.Ok() {
 		return nil, fmt.Errorf("replay INIT: %v", st)
 	}
-	if !bytes.Equal(out[:m], sess.Reply) {
+	// A keyfs from before passthrough made its connections without a
+	// stacking depth: serve them as it did, without.
+	if !bytes.Equal(withoutStackDepth(out[:m]), withoutStackDepth(sess.Reply)) {
 		return nil, fmt.Errorf("this keyfs would negotiate %s, the connection was made with %s: "+
 			"run the version that mounted it, or restart the pods that read it", describeInit(out[:m]), describeInit(sess.Reply))
 	}
@@ -237,12 +244,30 @@ func (c *conn) handle(req, out []byte) {
 	m, st := c.ps.HandleRequest([][]byte{req}, [][]byte{out})
 	if st.Ok() && m > 0 {
 		// ENOENT: the request was interrupted meanwhile.
-		if _, err := unix.Write(c.fd, out[:m]); err != nil && err != unix.ENOENT {
-			c.log.Debug("write FUSE reply", "mountpoint", c.mountpoint, "err", err)
+		if _, err := unix.Write(c.fd, out[:m]); err != nil {
+			if err != unix.ENOENT {
+				c.log.Debug("write FUSE reply", "mountpoint", c.mountpoint, "err", err)
+			}
+			c.lost(req, out[:m])
 		}
 	}
 	clear(out[:m]) // a READ reply held plaintext
 }
+
+// lost ends the handle of an OPEN whose reply the kernel did not take:
+// no RELEASE will come for it.
+func (c *conn) lost(req, reply []byte) {
+	const in, out = int(unsafe.Sizeof(fuse.InHeader{})), int(unsafe.Sizeof(fuse.OutHeader{}))
+	if len(req) < in || len(reply) < out+8 || c.lostOpen == nil {
+		return
+	}
+	if binary.NativeEndian.Uint32(req[4:]) == opOpen && int32(binary.NativeEndian.Uint32(reply[4:])) == 0 {
+		c.lostOpen(binary.NativeEndian.Uint64(reply[out:]))
+	}
+}
+
+// opOpen is FUSE_OPEN (include/uapi/linux/fuse.h).
+const opOpen = 14
 
 // end stops serving a connection the kernel ended.
 func (c *conn) end() {

@@ -62,6 +62,7 @@ type Options struct {
 	debugLog *log.Logger             // tests: trace FUSE traffic
 	onRead   func(key string)        // tests: called before a READ is answered
 	onOpen   func(key, stage string) // tests: called before and after an open's audit event
+	directIO bool                    // tests: serve every read here, never pass files through
 }
 
 // ErrAuditFailed marks an open refused because its audit event could not
@@ -83,9 +84,11 @@ type Server struct {
 
 	// snap is the store snapshot this mount shows: the kernel was told of
 	// every difference between it and the ones before.
-	snap    atomic.Pointer[keystore.Snapshot]
-	nodes   nodeTable
-	handles handles
+	snap     atomic.Pointer[keystore.Snapshot]
+	nodes    nodeTable
+	handles  handles
+	backings backings
+	salt     uint64 // of key node ids on a passthrough connection; 0: names only
 
 	refreshMu sync.Mutex      // one refresh at a time
 	changed   map[string]bool // tenants whose keys changed in the last refresh
@@ -138,6 +141,7 @@ func (s *Server) mountOptions() *fuse.MountOptions {
 		MaxWrite:           maxWrite,
 		DisableXAttrs:      true,
 		DisableReadDirPlus: true, // entries come from LOOKUP, which counts references
+		MaxStackDepth:      1,
 		Debug:              s.o.debugLog != nil,
 		Logger:             s.o.debugLog,
 	}
@@ -158,6 +162,7 @@ func Mount(mountpoint string, o Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
+	s.attach(c)
 	if err := s.start(c); err != nil {
 		unix.Unmount(mountpoint, unix.MNT_DETACH)
 		unix.Close(c.fd)
@@ -179,6 +184,10 @@ func Resume(sess Session, o Options) (*Server, error) {
 	c, err := resumeConn(sess, s.fs(), s.mountOptions(), s.log)
 	if err != nil {
 		return nil, fmt.Errorf("resume %s: %w", sess.Mountpoint, err)
+	}
+	s.attach(c)
+	if c.passthrough.Load() {
+		dropStale(c)
 	}
 	s.seed()
 	if err := s.start(c); err != nil {
@@ -205,9 +214,12 @@ func (s *Server) seed() {
 		if !s.visible(name, t) {
 			continue
 		}
-		s.nodes.add(name, "", pinned, nil)
+		s.nodes.add(nodeID(name, ""), name, "", 0, pinned, nil)
+		if s.salt != 0 {
+			continue // the predecessor's key ids are its own (node.go)
+		}
 		for _, k := range s.keyNames(t) {
-			s.nodes.add(name, k, pinned, t.Key(k))
+			s.nodes.add(nodeID(name, k), name, k, 0, pinned, t.Key(k))
 		}
 	}
 }
@@ -222,13 +234,34 @@ func (s *Server) invalidateAll() {
 	}
 }
 
-func (s *Server) start(c *conn) error {
+// attach makes c this view's connection.
+func (s *Server) attach(c *conn) {
 	s.conn = c
+	c.lostOpen = s.release
+	if s.o.directIO {
+		c.passthrough.Store(false)
+	}
+	if c.passthrough.Load() {
+		s.salt = rand.Uint64() | 1
+	}
+}
+
+// keyID is the node id of tenant/key at v's version, and the version
+// its inode is bound to (0: any).
+func (s *Server) keyID(tenant, key string, v *keystore.Key) (uint64, uint64) {
+	if s.salt == 0 {
+		return nodeID(tenant, key), 0
+	}
+	return versionedID(s.salt, tenant, key, v.Version), v.Version
+}
+
+func (s *Server) start(c *conn) error {
 	if err := c.serve(); err != nil {
 		return err
 	}
 	go func() {
 		<-c.ended
+		s.backings.closeAll(c)
 		c.close()
 		close(s.served)
 	}()
@@ -380,9 +413,10 @@ func (s *Server) invalidate(old, cur *keystore.Snapshot) {
 			continue
 		}
 		v := s.key(cur.Tenant(e.tenant), e.key)
-		if v == nil {
-			s.conn.invalEntry(nodeID(e.tenant, ""), e.key)
-		} else if e.served != v {
+		switch {
+		case v == nil, s.salt != 0 && v.Version != e.version:
+			s.conn.invalEntry(nodeID(e.tenant, ""), e.key) // gone, or another inode now
+		case e.served != v:
 			s.conn.invalInode(id) // attributes (size) changed
 		}
 	}

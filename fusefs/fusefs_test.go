@@ -267,33 +267,44 @@ func TestWritesRefused(t *testing.T) {
 	}
 }
 
-func TestMmapRefused(t *testing.T) {
+// TestMmap: a mapping of a key file passed through maps the open's own
+// memory file (never the page cache); with direct I/O keyfs refuses to
+// fill the page cache, so mapping is refused or faults.
+func TestMmap(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "secret-value")
-	_, mnt := e.mount(Options{})
-	// In a child: a process faulting on its own FUSE mount can deadlock
-	// with its own server (the fault holds a P through garbage collection).
-	cmd := exec.Command(os.Args[0], "-test.run=^TestMmapHelper$")
-	cmd.Env = append(os.Environ(), "KEYFS_TEST_MMAP="+filepath.Join(mnt, "acme", "openai"))
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("helper: %v\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "shared: refused") {
-		t.Errorf("shared mmap of a key file was not refused:\n%s", out)
-	}
-	// FOPEN_DIRECT_IO still lets a private mapping through to the page
-	// cache; keyfs refuses to fill it, so touching the mapping faults.
-	if !strings.Contains(string(out), "private: refused") && !strings.Contains(string(out), "private: faults") {
-		t.Errorf("private mapping of a key file is readable:\n%s", out)
+	for _, directIO := range []bool{false, true} {
+		_, mnt := e.mount(Options{directIO: directIO})
+		// In a child: a process faulting on its own FUSE mount can deadlock
+		// with its own server (the fault holds a P through garbage collection).
+		cmd := exec.Command(os.Args[0], "-test.run=^TestMmapHelper$")
+		cmd.Env = append(os.Environ(), "KEYFS_TEST_MMAP="+filepath.Join(mnt, "acme", "openai"))
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("helper: %v\n%s", err, out)
+		}
+		if !directIO {
+			if !strings.Contains(string(out), "shared: mapped secret-value\n") || !strings.Contains(string(out), "private: readable secret-value\n") {
+				t.Errorf("mappings of a file passed through do not read its value:\n%s", out)
+			}
+			continue
+		}
+		if !strings.Contains(string(out), "shared: refused") {
+			t.Errorf("shared mmap of a direct I/O key file was not refused:\n%s", out)
+		}
+		// FOPEN_DIRECT_IO still lets a private mapping through to the page
+		// cache; keyfs refuses to fill it, so touching the mapping faults.
+		if !strings.Contains(string(out), "private: refused") && !strings.Contains(string(out), "private: faults") {
+			t.Errorf("private mapping of a direct I/O key file is readable:\n%s", out)
+		}
 	}
 }
 
-// TestMmapHelper is the child of TestMmapRefused.
+// TestMmapHelper is the child of TestMmap.
 func TestMmapHelper(t *testing.T) {
 	f := os.Getenv("KEYFS_TEST_MMAP")
 	if f == "" {
-		return // a helper process for TestMmapRefused, not a test
+		return // a helper process for TestMmap, not a test
 	}
 	fd, err := syscall.Open(f, syscall.O_RDONLY, 0)
 	if err != nil {
@@ -301,8 +312,8 @@ func TestMmapHelper(t *testing.T) {
 	}
 	defer syscall.Close(fd)
 	if b, err := syscall.Mmap(fd, 0, 4096, syscall.PROT_READ, syscall.MAP_SHARED); err == nil {
+		fmt.Println("shared: mapped", string(bytes.TrimRight(b, "\x00")))
 		syscall.Munmap(b)
-		fmt.Println("shared: mapped")
 	} else {
 		fmt.Println("shared: refused:", err)
 	}
@@ -319,7 +330,7 @@ func TestMmapHelper(t *testing.T) {
 		}
 	}()
 	sink += b[0]
-	fmt.Println("private: readable")
+	fmt.Println("private: readable", string(bytes.TrimRight(b, "\x00")))
 }
 
 var sink byte
@@ -855,25 +866,36 @@ func (l *opLog) record(on bool) []string {
 
 // TestRoundTrips pins the FUSE requests of a warm open+read+close: no
 // LOOKUP or GETATTR (long timeouts, notify invalidation), no FLUSH
-// (FOPEN_NOFLUSH); RELEASE is asynchronous.
+// (FOPEN_NOFLUSH); RELEASE is asynchronous. A file passed through to its
+// memory file is read by the kernel alone.
 func TestRoundTrips(t *testing.T) {
-	e := newEnv(t)
-	e.put("acme", "openai", "secret-value")
-	var ops opLog
-	_, mnt := e.mount(Options{debugLog: log.New(&ops, "", 0)})
-	f := filepath.Join(mnt, "acme", "openai")
-	if _, err := os.ReadFile(f); err != nil {
-		t.Fatal(err)
-	}
-	within(t, 5*time.Second, "the first RELEASE", func() bool { return ops.releases.Load() == 1 })
-	ops.record(true)
-	if b, err := os.ReadFile(f); err != nil || string(b) != "secret-value" {
-		t.Fatal(string(b), err)
-	}
-	within(t, 5*time.Second, "the second RELEASE", func() bool { return ops.releases.Load() == 2 })
-	got := ops.record(false)
-	if want := []string{"OPEN", "READ", "READ", "RELEASE"}; !slices.Equal(got, want) {
-		t.Errorf("open+read+close sent %v, want %v", got, want)
+	for _, tc := range []struct {
+		name     string
+		directIO bool
+		want     []string
+	}{
+		{"passthrough", false, []string{"OPEN", "RELEASE"}},
+		{"direct I/O", true, []string{"OPEN", "READ", "READ", "RELEASE"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			e.put("acme", "openai", "secret-value")
+			var ops opLog
+			_, mnt := e.mount(Options{directIO: tc.directIO, debugLog: log.New(&ops, "", 0)})
+			f := filepath.Join(mnt, "acme", "openai")
+			if _, err := os.ReadFile(f); err != nil {
+				t.Fatal(err)
+			}
+			within(t, 5*time.Second, "the first RELEASE", func() bool { return ops.releases.Load() == 1 })
+			ops.record(true)
+			if b, err := os.ReadFile(f); err != nil || string(b) != "secret-value" {
+				t.Fatal(string(b), err)
+			}
+			within(t, 5*time.Second, "the second RELEASE", func() bool { return ops.releases.Load() == 2 })
+			if got := ops.record(false); !slices.Equal(got, tc.want) {
+				t.Errorf("open+read+close sent %v, want %v", got, tc.want)
+			}
+		})
 	}
 }
 
@@ -1063,7 +1085,7 @@ func TestSlowRequestStallsNoOther(t *testing.T) {
 	var releaseOnce sync.Once
 	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
 	stalled := make(chan struct{}, 1)
-	_, slowMnt := e.mount(Options{onRead: func(key string) {
+	_, slowMnt := e.mount(Options{directIO: true, onRead: func(key string) {
 		if key == "slow" {
 			stalled <- struct{}{}
 			<-release

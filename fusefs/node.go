@@ -13,14 +13,33 @@ import (
 // Node ids are a hash of the name, never allocated: a successor that takes
 // over a connection answers for every node id the kernel holds without
 // being told them. The root is 1; tenants hash "t", keys "t/name".
+//
+// On a connection that passes files through (passthrough.go) a key's id
+// also hashes its version and a salt of the server: the kernel lets an
+// inode read from one memory file at a time, so each version, and each
+// server's files, get inodes of their own. A stale id (an older version,
+// a predecessor's) is answered ESTALE, and the kernel looks the name up
+// again.
 
 const rootID = fuse.FUSE_ROOT_ID
 
-func nodeID(tenant, key string) uint64 {
+func nodeID(tenant, key string) uint64 { return hashID(tenant, key, "") }
+
+func versionedID(salt uint64, tenant, key string, version uint64) uint64 {
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[:], salt)
+	binary.BigEndian.PutUint64(b[8:], version)
+	return hashID(tenant, key, string(b[:]))
+}
+
+func hashID(tenant, key, extra string) uint64 {
 	h := sha256.New()
 	h.Write([]byte("keyfs node\x00" + tenant))
 	if key != "" {
 		h.Write([]byte("\x00" + key))
+	}
+	if extra != "" {
+		h.Write([]byte("\x00" + extra))
 	}
 	var sum [sha256.Size]byte
 	// Clear the top bit: go-fuse reserves 2^64-1 for its poll probe.
@@ -35,6 +54,7 @@ func nodeID(tenant, key string) uint64 {
 // key file.
 type entry struct {
 	tenant, key string
+	version     uint64        // key on a passthrough connection: the version its inode reads
 	lookups     uint64        // the kernel's references, FORGET takes them back
 	served      *keystore.Key // key: whose attributes the kernel last got
 }
@@ -60,10 +80,9 @@ func (t *nodeTable) get(id uint64) (entry, bool) {
 	return *e, true
 }
 
-// add counts a reference the kernel takes to tenant/key (a LOOKUP reply)
-// and returns its node id; false on a hash collision with another name.
-func (t *nodeTable) add(tenant, key string, n uint64, served *keystore.Key) (uint64, bool) {
-	id := nodeID(tenant, key)
+// add counts a reference the kernel takes to node id, tenant/key at
+// version (a LOOKUP reply); false on a hash collision with another name.
+func (t *nodeTable) add(id uint64, tenant, key string, version, n uint64, served *keystore.Key) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.byID == nil {
@@ -71,16 +90,16 @@ func (t *nodeTable) add(tenant, key string, n uint64, served *keystore.Key) (uin
 	}
 	e, ok := t.byID[id]
 	if !ok {
-		e = &entry{tenant: tenant, key: key}
+		e = &entry{tenant: tenant, key: key, version: version}
 		t.byID[id] = e
-	} else if e.tenant != tenant || e.key != key {
-		return 0, false
+	} else if e.tenant != tenant || e.key != key || e.version != version {
+		return false
 	}
 	e.lookups = min(e.lookups+n, pinned)
 	if served != nil {
 		e.served = served
 	}
-	return id, true
+	return true
 }
 
 func (t *nodeTable) setServed(id uint64, v *keystore.Key) {

@@ -29,8 +29,8 @@ func (fs *rawFS) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *f
 		if s.visibleTenant(name) == nil {
 			return fuse.ENOENT
 		}
-		id, ok := s.nodes.add(name, "", 1, nil)
-		if !ok {
+		id := nodeID(name, "")
+		if !s.nodes.add(id, name, "", 0, 1, nil) {
 			return s.collision(name, "")
 		}
 		out.NodeId, out.Attr.Ino = id, id
@@ -44,8 +44,8 @@ func (fs *rawFS) Lookup(_ <-chan struct{}, h *fuse.InHeader, name string, out *f
 		if v == nil {
 			return fuse.ENOENT
 		}
-		id, ok := s.nodes.add(e.tenant, name, 1, v)
-		if !ok {
+		id, version := s.keyID(e.tenant, name, v)
+		if !s.nodes.add(id, e.tenant, name, version, 1, v) {
 			return s.collision(e.tenant, name)
 		}
 		out.NodeId, out.Attr.Ino = id, id
@@ -73,7 +73,7 @@ func (fs *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOu
 	}
 	e, ok := s.nodes.get(in.NodeId)
 	if !ok {
-		return fuse.ENOENT
+		return s.unknown()
 	}
 	out.Ino = in.NodeId
 	if e.key == "" {
@@ -94,9 +94,22 @@ func (fs *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOu
 	if v == nil {
 		return fuse.ENOENT
 	}
+	if s.salt != 0 && v.Version != e.version {
+		return fuse.Status(syscall.ESTALE) // the name is another inode now
+	}
 	s.fileAttr(v, &out.Attr)
 	s.nodes.setServed(in.NodeId, v)
 	return fuse.OK
+}
+
+// unknown answers for a node id the table lacks: on a passthrough
+// connection it can be a predecessor's (stale: the kernel looks the
+// name up again), else the name is gone.
+func (s *Server) unknown() fuse.Status {
+	if s.salt != 0 {
+		return fuse.Status(syscall.ESTALE)
+	}
+	return fuse.ENOENT
 }
 
 func (s *Server) dirAttr(a *fuse.Attr) {
@@ -156,7 +169,8 @@ func (fs *rawFS) ReadDir(_ <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryL
 			return fuse.ENOENT
 		}
 		for _, name := range s.keyNames(t) {
-			es = append(es, fuse.DirEntry{Name: name, Mode: syscall.S_IFREG, Ino: nodeID(e.tenant, name)})
+			id, _ := s.keyID(e.tenant, name, t.Key(name))
+			es = append(es, fuse.DirEntry{Name: name, Mode: syscall.S_IFREG, Ino: id})
 		}
 	}
 	for i := int(min(in.Offset, uint64(len(es)))); i < len(es); i++ {
@@ -183,11 +197,17 @@ func (fs *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fus
 	}
 	s := fs.s
 	e, ok := s.nodes.get(in.NodeId)
-	if !ok || e.key == "" {
+	if !ok {
+		return s.unknown()
+	}
+	if e.key == "" {
 		return fuse.ENOENT
 	}
 	start := time.Now()
-	h, err := s.open(&in.InHeader, e.tenant, e.key)
+	h, err := s.open(&in.InHeader, e)
+	if errors.Is(err, errStale) {
+		return fuse.Status(syscall.ESTALE)
+	}
 	if s.o.OnRead != nil {
 		s.o.OnRead(e.tenant, time.Since(start), err)
 	}
@@ -197,34 +217,53 @@ func (fs *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fus
 	if err != nil {
 		return fuse.EIO
 	}
-	out.Fh = s.handles.add(h)
-	// NOFLUSH: close needs no round trip; DIRECT_IO: no page cache.
+	// NOFLUSH: close needs no round trip; DIRECT_IO: no page cache;
+	// PASSTHROUGH: reads served by the kernel from the memory file.
 	out.OpenFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_NOFLUSH
+	if ok, err := s.passThrough(in.NodeId, h); err != nil {
+		h.release()
+		return fuse.Status(syscall.ESTALE)
+	} else if ok {
+		out.OpenFlags = fuse.FOPEN_PASSTHROUGH | fuse.FOPEN_NOFLUSH
+		out.BackingID = h.b.id
+	}
+	out.Fh = s.handles.add(h)
 	return fuse.OK
 }
 
-// open returns the handle, or why not: keystore.ErrNotFound for a key
-// this view no longer shows, else what kept the record from opening.
-func (s *Server) open(in *fuse.InHeader, tenant, name string) (*handle, error) {
+// errStale: the inode opened reads another version than the newest.
+var errStale = errors.New("a newer version has its own inode")
+
+// open returns the handle of node e, or why not: errStale for an inode
+// of an older version, keystore.ErrNotFound for a key this view no
+// longer shows, else what kept the record from opening.
+func (s *Server) open(in *fuse.InHeader, e entry) (*handle, error) {
+	tenant, name := e.tenant, e.key
 	v := s.key(s.visibleTenant(tenant), name)
 	if v == nil {
 		return nil, fmt.Errorf("%s/%s: %w", tenant, name, keystore.ErrNotFound)
 	}
 	s.loading(v)
 	rec, err := v.Record()
-	// Rotations pruned the version the snapshot names: take the newest.
+	// Rotations pruned the version the snapshot names: move the view to
+	// the store's newest (a passthrough inode is then stale, and the
+	// kernel's lookup again must find the newest too).
 	for try := 0; errors.Is(err, keystore.ErrNotFound) && try < 5; try++ {
 		s.conn.mayBlock()
 		if rerr := s.o.Store.Refresh(); rerr != nil {
 			break
 		}
-		if v = s.key(s.o.Store.Snapshot().Tenant(tenant), name); v == nil {
+		s.refresh()
+		if v = s.key(s.visibleTenant(tenant), name); v == nil {
 			break
 		}
 		rec, err = v.Record()
 	}
 	if v == nil || errors.Is(err, keystore.ErrNotFound) {
 		return nil, fmt.Errorf("%s/%s: %w", tenant, name, keystore.ErrNotFound) // removed meanwhile
+	}
+	if s.salt != 0 && v.Version != e.version {
+		return nil, errStale
 	}
 	ev := s.event(in, tenant, name, v.Version)
 	var pt []byte
@@ -321,8 +360,14 @@ func (s *Server) reopen(in *fuse.ReadIn) (*handle, error) {
 	return s.handles.put(in.Fh, &handle{v: v, rec: rec, key: s.o.Key}), nil
 }
 
-func (fs *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) {
-	if h := fs.s.handles.remove(in.Fh); h != nil {
+func (fs *rawFS) Release(_ <-chan struct{}, in *fuse.ReleaseIn) { fs.s.release(in.Fh) }
+
+// release ends a handle: the kernel released it, or never got it.
+func (s *Server) release(fh uint64) {
+	if h := s.handles.remove(fh); h != nil {
+		if h.b != nil {
+			s.backings.put(s.conn, h.node, h.b)
+		}
 		h.release()
 	}
 }
@@ -335,6 +380,9 @@ type handle struct {
 	v   *keystore.Key
 	rec *keystore.Record
 	key *keystore.MasterKey
+
+	b    *backing // the memory file the kernel reads, or nil
+	node uint64   // b's node
 
 	mu       sync.Mutex
 	pt       []byte // nil once wiped

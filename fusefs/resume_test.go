@@ -133,6 +133,7 @@ func holdSession(t *testing.T, sess *Session) {
 // loop of open/read/close sees no failure, an fd opened before reads on,
 // and a key changed during the gap reads new, with its new size.
 func TestResumeAfterKill(t *testing.T) {
+	t.Setenv("KEYFS_TEST_DIRECT", "1") // the stalled READ must reach the server
 	e := newEnv(t)
 	seed := e.seed
 	e.put("acme", "openai", "v1")
@@ -213,6 +214,103 @@ func TestResumeAfterKill(t *testing.T) {
 	t.Logf("gap %v (kill to successor serving); %d reads, 0 failed", resumed.Sub(killed).Round(time.Millisecond), reads.Load())
 }
 
+// TestResumePassthrough: kill -9 of a server whose key files are passed
+// through to memory files. A file open at the kill reads on while no
+// keyfs runs, and keeps the version it opened; the successor serves the
+// version put during the gap, and no open or read fails across the
+// restart.
+func TestResumePassthrough(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	first, sess := e.startServer(t, "mount", mnt, e.seed, nil)
+	holdSession(t, sess)
+	key := filepath.Join(mnt, "acme", "openai")
+	held, err := os.Open(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if got := mustPread(t, held, make([]byte, 16)); got != "v1" {
+		t.Fatalf("held fd reads %q, want v1", got)
+	}
+	if !holdsMemfd(t, first.cmd.Process.Pid) {
+		t.Fatal("the server holds no memory file while a key file is open: not passed through")
+	}
+
+	var failures, reads atomic.Int64
+	var last atomic.Value
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			b, err := os.ReadFile(key)
+			if err != nil {
+				failures.Add(1)
+				t.Errorf("read during the restart: %v", err)
+				continue
+			}
+			reads.Add(1)
+			last.Store(string(b))
+		}
+	})
+	within(t, 5*time.Second, "20 reads before the kill", func() bool { return reads.Load() >= 20 })
+	first.kill()
+	got := make(chan string, 1)
+	go func() {
+		b := make([]byte, 16)
+		n, _ := held.ReadAt(b, 0)
+		got <- string(b[:n])
+	}()
+	select {
+	case g := <-got:
+		if g != "v1" {
+			t.Fatalf("with no keyfs running the held fd reads %q, want v1", g)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("with no keyfs running the held fd does not read: not passed through")
+	}
+	e.put("acme", "openai", "v2-longer")
+	e.startServer(t, "resume", mnt, e.seed, sess)
+	within(t, 5*time.Second, "the loop reads v2", func() bool { return last.Load() == "v2-longer" })
+	after := reads.Load()
+	within(t, 5*time.Second, "20 reads after the restart", func() bool { return reads.Load() >= after+20 })
+	close(stop)
+	wg.Wait()
+	if failures.Load() != 0 {
+		t.Fatalf("%d of %d reads failed across the restart", failures.Load(), reads.Load()+failures.Load())
+	}
+	if fi, err := os.Stat(key); err != nil || fi.Size() != int64(len("v2-longer")) {
+		t.Fatalf("stat after the restart: %v; want the new size %d", err, len("v2-longer"))
+	}
+	if got := mustPread(t, held, make([]byte, 16)); got != "v1" {
+		t.Fatalf("fd opened before the restart reads %q, want the version it opened", got)
+	}
+}
+
+// holdsMemfd says whether process pid has a keyfs memory file open.
+func holdsMemfd(t *testing.T, pid int) bool {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, fd := range fds {
+		if l, err := os.Readlink(filepath.Join(dir, fd.Name())); err == nil && strings.HasPrefix(l, "/memfd:keyfs") {
+			return true
+		}
+	}
+	return false
+}
+
 func mustPread(t *testing.T, f *os.File, b []byte) string {
 	t.Helper()
 	n, err := f.ReadAt(b, 0)
@@ -225,7 +323,11 @@ func mustPread(t *testing.T, f *os.File, b []byte) string {
 // TestResumeAuditsOpenOnce: an OPEN the killed server took is sent again
 // to its successor, which records it only if the dead one had not: one
 // open event per open, either way.
+//
+// With direct I/O: on a passthrough connection the successor answers a
+// predecessor's inode ESTALE, and the kernel retries the open as a new one.
 func TestResumeAuditsOpenOnce(t *testing.T) {
+	t.Setenv("KEYFS_TEST_DIRECT", "1")
 	e := newEnv(t)
 	e.put("acme", "slow-open-before", "b")
 	e.put("acme", "slow-open-after", "a")
@@ -331,7 +433,7 @@ func TestServerHelper(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := Options{Store: x, Key: m, Audit: al, AuditRequired: true}
+	o := Options{Store: x, Key: m, Audit: al, AuditRequired: true, directIO: os.Getenv("KEYFS_TEST_DIRECT") != ""}
 	if mode == "mount" {
 		o.onRead = func(key string) {
 			if key == "slow" {
