@@ -231,10 +231,12 @@ func (c *conn) read(in []byte) (int, bool) {
 }
 
 // mayBlock is called by a handler before something that can take long
-// (the store, a synchronous audit write): the connection is re-armed, so
-// its next requests go to other readers meanwhile.
+// (the store, a synchronous audit write): the connection is re-armed and
+// a reader waits, so its next requests and other mounts' are answered
+// meanwhile.
 func (c *conn) mayBlock() {
 	if c != nil && c.early.CompareAndSwap(false, true) {
+		c.poller.mayBlock()
 		c.poller.rearm(c)
 	}
 }

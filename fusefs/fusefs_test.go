@@ -1126,3 +1126,35 @@ func readAsync(path, want string) <-chan error {
 	}()
 	return done
 }
+
+// TestOneReaderWaits: after a burst of concurrent reads over two mounts
+// (which starts readers), the pool settles to one reader, waiting: a
+// second waiting reader would be woken, on another CPU, by requests the
+// busy one takes microseconds later.
+func TestOneReaderWaits(t *testing.T) {
+	e := newEnv(t)
+	e.put("acme", "openai", "v1")
+	_, a := e.mount(Options{directIO: true})
+	_, b := e.mount(Options{})
+	var wg sync.WaitGroup
+	for i := range 16 {
+		wg.Go(func() {
+			for range 200 {
+				if err := <-readAsync(filepath.Join([]string{a, b}[i%2], "acme", "openai"), "v1"); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	p, err := sharedPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	within(t, 5*time.Second, "one reader, waiting", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.readers == 1 && p.idle.Load() == 1
+	})
+}

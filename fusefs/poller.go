@@ -1,7 +1,6 @@
 package fusefs
 
 import (
-	"runtime"
 	"sync"
 	"sync/atomic"
 
@@ -19,23 +18,30 @@ import (
 // fast: the reply wakes the caller on this thread's CPU, the caller's
 // next request wakes nobody (the descriptor is not armed), and the thread
 // finds it as soon as the caller blocks: a ping-pong on one CPU, no
-// halted vCPU woken for either direction. A handler about to do something
-// slow (the store, a synchronous audit write) re-arms first (mayBlock),
-// so other requests of its mount go to other readers; a reader that
-// takes a request while no other waits starts one, so other mounts never
-// wait for a slow one.
+// halted vCPU woken for either direction.
+//
+// One reader waits at a time, and a reader that takes a request does not
+// start another: a second waiting thread would be woken, on the other
+// CPU, by a request on another mount (a reader going round mounts, a
+// RELEASE and the next OPEN) that the busy reader takes microseconds
+// later. Instead more readers start where there is more work: a wait
+// that returns two connections starts a reader for the second, a
+// handler about to do something slow (the store, a synchronous audit
+// write) re-arms its connection and starts a reader if none waits
+// (mayBlock), and a reader re-arms a connection after maxDrain requests
+// in a row, so a busy mount cannot keep the others waiting.
 //
 // Descriptors are non-blocking: a request can vanish between the event
 // and the read (its caller was killed), and a blocking read would then
 // wait for the next request of that one mount.
 
-// maxReaders bounds the readers, busy or not; maxIdle those waiting: a
-// reader that answered waits again only while fewer wait, else it ends.
-// More waiting threads only spread the kernel's wake-ups over more
-// (colder) threads.
+// maxReaders bounds the readers, busy or not; a reader that answered
+// waits again only when no other waits, else it ends.
 const maxReaders = 256
 
-var maxIdle = int32(max(2, min(16, runtime.GOMAXPROCS(0))))
+// maxDrain bounds the requests of one connection a reader answers before
+// it lets the others' go first.
+const maxDrain = 16
 
 type poller struct {
 	epfd  int
@@ -61,7 +67,7 @@ func sharedPoller() (*poller, error) {
 			return
 		}
 		thePoller = &poller{epfd: fd}
-		thePoller.spawn()
+		thePoller.spawn(nil)
 	})
 	return thePoller, pollerErr
 }
@@ -97,44 +103,75 @@ func (p *poller) remove(c *conn) {
 	p.conns.Delete(c.id)
 }
 
-// spawn adds a reader, unless there are maxReaders already.
-func (p *poller) spawn() {
+// spawn adds a reader that first serves c, or, with c nil, waits; false
+// if there are maxReaders already.
+func (p *poller) spawn(c *conn) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.readers == maxReaders {
-		return
+		return false
 	}
 	p.readers++
-	p.idle.Add(1)
-	go p.reader()
+	if c == nil {
+		p.idle.Add(1)
+	}
+	go p.reader(c)
+	return true
 }
 
-func (p *poller) reader() {
+// mayBlock makes sure a reader waits while this one does something slow.
+func (p *poller) mayBlock() {
+	if p.idle.Load() == 0 {
+		p.spawn(nil)
+	}
+}
+
+func (p *poller) reader(first *conn) {
 	bufs := readerBufs.Get().(*[2 * bufSize]byte)
 	defer readerBufs.Put(bufs)
 	in, out := bufs[:bufSize], bufs[bufSize:]
-	var ev [1]unix.EpollEvent
+	if first != nil {
+		p.serve(first, in, out)
+		if !p.rejoin() {
+			return
+		}
+	}
+	var ev [2]unix.EpollEvent
 	for {
 		n, err := unix.EpollWait(p.epfd, ev[:], -1)
-		if err != nil || n == 0 {
+		if err != nil || n <= 0 {
 			continue // EINTR
 		}
-		v, ok := p.conns.Load(uint64(uint32(ev[0].Fd)) | uint64(uint32(ev[0].Pad))<<32)
-		if !ok {
-			continue // removed meanwhile
+		p.idle.Add(-1)
+		var later *conn
+		if n == 2 {
+			// More than one connection has requests: more work than
+			// one reader.
+			if c := p.conn(ev[1]); c != nil && !p.spawn(c) {
+				later = c // at maxReaders: this reader serves both
+			}
 		}
-		if p.idle.Add(-1) == 0 {
-			p.spawn() // keep one reader waiting while this one works
+		for _, c := range []*conn{p.conn(ev[0]), later} {
+			if c != nil {
+				p.serve(c, in, out)
+			}
 		}
-		p.serve(v.(*conn), in, out)
 		if !p.rejoin() {
 			return
 		}
 	}
 }
 
-// serve answers the requests of c until none is there, or a handler
-// re-armed c, then re-arms c.
+func (p *poller) conn(ev unix.EpollEvent) *conn {
+	v, ok := p.conns.Load(uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32)
+	if !ok {
+		return nil // removed meanwhile
+	}
+	return v.(*conn)
+}
+
+// serve answers the requests of c until none is there, maxDrain were, or
+// a handler re-armed c; then it re-arms c (unless the handler did).
 func (p *poller) serve(c *conn, in, out []byte) {
 	c.use.RLock()
 	defer c.use.RUnlock()
@@ -143,10 +180,13 @@ func (p *poller) serve(c *conn, in, out []byte) {
 	}
 	n, ok := c.read(in)
 	c.early.Store(false)
-	for ok {
+	for i := 1; ok; i++ {
 		c.handle(in[:n], out)
 		if c.early.Load() {
-			break // re-armed: other readers take the rest
+			return // re-armed: other readers take the rest
+		}
+		if i == maxDrain {
+			break
 		}
 		n, ok = c.read(in)
 	}
@@ -164,19 +204,14 @@ func ended(c *conn) bool {
 	}
 }
 
-// rejoin counts a reader that answered as waiting again, unless enough
-// wait already: then it ends.
+// rejoin counts a reader that answered as waiting again, unless another
+// waits already: then it ends.
 func (p *poller) rejoin() bool {
-	for {
-		n := p.idle.Load()
-		if n >= maxIdle {
-			p.mu.Lock()
-			p.readers--
-			p.mu.Unlock()
-			return false
-		}
-		if p.idle.CompareAndSwap(n, n+1) {
-			return true
-		}
+	if p.idle.CompareAndSwap(0, 1) {
+		return true
 	}
+	p.mu.Lock()
+	p.readers--
+	p.mu.Unlock()
+	return false
 }
