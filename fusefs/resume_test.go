@@ -119,6 +119,17 @@ func dup(t *testing.T, fd int) int {
 	return n
 }
 
+// startFirst mounts a view in a child server, this process its holder.
+func (e *env) startFirst(t *testing.T, seed []byte) (*server, *Session, string) {
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	first, sess := e.startServer(t, "mount", mnt, seed, nil)
+	holdSession(t, sess)
+	return first, sess, mnt
+}
+
 // holdSession keeps the connection alive in this process for the test and
 // unmounts and closes it at the end, so nothing is left hanging.
 func holdSession(t *testing.T, sess *Session) {
@@ -138,12 +149,7 @@ func TestResumeAfterKill(t *testing.T) {
 	seed := e.seed
 	e.put("acme", "openai", "v1")
 	e.put("acme", "slow", "slow-value")
-	mnt := filepath.Join(t.TempDir(), "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	first, sess := e.startServer(t, "mount", mnt, seed, nil)
-	holdSession(t, sess)
+	first, sess, mnt := e.startFirst(t, seed)
 	key := filepath.Join(mnt, "acme", "openai")
 
 	held, err := os.Open(key)
@@ -155,32 +161,10 @@ func TestResumeAfterKill(t *testing.T) {
 		t.Fatal("held fd did not read v1")
 	}
 
-	var failures, reads atomic.Int64
-	var last atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
-			}
-			b, err := os.ReadFile(key)
-			if err != nil {
-				failures.Add(1)
-				t.Errorf("read during the restart: %v", err)
-				continue
-			}
-			reads.Add(1)
-			last.Store(string(b))
-		}
-	}()
+	l := startReadLoop(t, key)
 	slow := readAsync(filepath.Join(mnt, "acme", "slow"), "slow-value")
 	first.expect(t, "stalled")
-	within(t, 5*time.Second, "20 reads before the kill", func() bool { return reads.Load() >= 20 })
+	within(t, 5*time.Second, "20 reads before the kill", func() bool { return l.reads.Load() >= 20 })
 	first.kill()
 	killed := time.Now()
 
@@ -197,21 +181,14 @@ func TestResumeAfterKill(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the READ in flight at the kill never completed (was it resent?)")
 	}
-	within(t, 5*time.Second, "the loop reads v2", func() bool { return last.Load() == "v2-longer" })
-	after := reads.Load()
-	within(t, 5*time.Second, "20 reads after the restart", func() bool { return reads.Load() >= after+20 })
-	close(stop)
-	wg.Wait()
-	if failures.Load() != 0 {
-		t.Fatalf("%d of %d reads failed across the restart", failures.Load(), reads.Load()+failures.Load())
-	}
+	l.finish(t, "v2-longer")
 	if fi, err := os.Stat(key); err != nil || fi.Size() != int64(len("v2-longer")) {
 		t.Fatalf("stat after the restart: %v, %v; want the new size %d", fi.Size(), err, len("v2-longer"))
 	}
 	if got := mustPread(t, held, make([]byte, 16)); got != "v2-longer" {
 		t.Fatalf("fd opened before the restart reads %q, want the newest version", got)
 	}
-	t.Logf("gap %v (kill to successor serving); %d reads, 0 failed", resumed.Sub(killed).Round(time.Millisecond), reads.Load())
+	t.Logf("gap %v (kill to successor serving); %d reads, 0 failed", resumed.Sub(killed).Round(time.Millisecond), l.reads.Load())
 }
 
 // TestResumePassthrough: kill -9 of a server whose key files are passed
@@ -222,12 +199,7 @@ func TestResumeAfterKill(t *testing.T) {
 func TestResumePassthrough(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "v1")
-	mnt := filepath.Join(t.TempDir(), "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	first, sess := e.startServer(t, "mount", mnt, e.seed, nil)
-	holdSession(t, sess)
+	first, sess, mnt := e.startFirst(t, e.seed)
 	key := filepath.Join(mnt, "acme", "openai")
 	held, err := os.Open(key)
 	if err != nil {
@@ -241,28 +213,8 @@ func TestResumePassthrough(t *testing.T) {
 		t.Fatal("the server holds no memory file while a key file is open: not passed through")
 	}
 
-	var failures, reads atomic.Int64
-	var last atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		for {
-			select {
-			case <-stop:
-				return
-			case <-time.After(5 * time.Millisecond):
-			}
-			b, err := os.ReadFile(key)
-			if err != nil {
-				failures.Add(1)
-				t.Errorf("read during the restart: %v", err)
-				continue
-			}
-			reads.Add(1)
-			last.Store(string(b))
-		}
-	})
-	within(t, 5*time.Second, "20 reads before the kill", func() bool { return reads.Load() >= 20 })
+	l := startReadLoop(t, key)
+	within(t, 5*time.Second, "20 reads before the kill", func() bool { return l.reads.Load() >= 20 })
 	first.kill()
 	got := make(chan string, 1)
 	go func() {
@@ -280,14 +232,7 @@ func TestResumePassthrough(t *testing.T) {
 	}
 	e.put("acme", "openai", "v2-longer")
 	e.startServer(t, "resume", mnt, e.seed, sess)
-	within(t, 5*time.Second, "the loop reads v2", func() bool { return last.Load() == "v2-longer" })
-	after := reads.Load()
-	within(t, 5*time.Second, "20 reads after the restart", func() bool { return reads.Load() >= after+20 })
-	close(stop)
-	wg.Wait()
-	if failures.Load() != 0 {
-		t.Fatalf("%d of %d reads failed across the restart", failures.Load(), reads.Load()+failures.Load())
-	}
+	l.finish(t, "v2-longer")
 	if fi, err := os.Stat(key); err != nil || fi.Size() != int64(len("v2-longer")) {
 		t.Fatalf("stat after the restart: %v; want the new size %d", err, len("v2-longer"))
 	}
@@ -311,6 +256,56 @@ func holdsMemfd(t *testing.T, pid int) bool {
 	return false
 }
 
+// readLoop opens, reads and closes a key every 5 ms across a restart.
+type readLoop struct {
+	reads, failures atomic.Int64
+	last            atomic.Value
+	stop            chan struct{}
+	stopOnce        sync.Once
+	wg              sync.WaitGroup
+}
+
+func (l *readLoop) halt() {
+	l.stopOnce.Do(func() { close(l.stop) })
+	l.wg.Wait()
+}
+
+func startReadLoop(t *testing.T, key string) *readLoop {
+	l := &readLoop{stop: make(chan struct{})}
+	l.wg.Go(func() {
+		for {
+			select {
+			case <-l.stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			b, err := os.ReadFile(key)
+			if err != nil {
+				l.failures.Add(1)
+				t.Errorf("read during the restart: %v", err)
+				continue
+			}
+			l.reads.Add(1)
+			l.last.Store(string(b))
+		}
+	})
+	t.Cleanup(l.halt) // a test that stops early must not be failed after it ended
+	return l
+}
+
+// finish waits for the loop to read want and 20 reads more, stops it and
+// fails the test if any read failed.
+func (l *readLoop) finish(t *testing.T, want string) {
+	t.Helper()
+	within(t, 5*time.Second, "the loop reads "+want, func() bool { return l.last.Load() == want })
+	after := l.reads.Load()
+	within(t, 5*time.Second, "20 reads after the restart", func() bool { return l.reads.Load() >= after+20 })
+	l.halt()
+	if n := l.failures.Load(); n != 0 {
+		t.Fatalf("%d of %d reads failed across the restart", n, l.reads.Load()+n)
+	}
+}
+
 func mustPread(t *testing.T, f *os.File, b []byte) string {
 	t.Helper()
 	n, err := f.ReadAt(b, 0)
@@ -331,12 +326,7 @@ func TestResumeAuditsOpenOnce(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "slow-open-before", "b")
 	e.put("acme", "slow-open-after", "a")
-	mnt := filepath.Join(t.TempDir(), "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	first, sess := e.startServer(t, "mount", mnt, e.seed, nil)
-	holdSession(t, sess)
+	first, sess, mnt := e.startFirst(t, e.seed)
 	done := make(chan error, 2)
 	for _, k := range []string{"slow-open-before", "slow-open-after"} {
 		go func() {
