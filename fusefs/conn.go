@@ -171,14 +171,23 @@ func (c *conn) mounted() (bool, error) {
 	return fmt.Sprintf("%d:%d", m.Major, m.Minor) == c.dev, nil
 }
 
-// describeInit summarizes an INIT reply for an error message.
-func describeInit(reply []byte) string {
+// initOut decodes an INIT reply; false if there is none.
+func initOut(reply []byte) (fuse.InitOut, bool) {
 	const hdr = int(unsafe.Sizeof(fuse.OutHeader{}))
 	var o fuse.InitOut
 	if len(reply) < hdr {
-		return "nothing"
+		return o, false
 	}
 	copy(unsafe.Slice((*byte)(unsafe.Pointer(&o)), unsafe.Sizeof(o)), reply[hdr:])
+	return o, true
+}
+
+// describeInit summarizes an INIT reply for an error message.
+func describeInit(reply []byte) string {
+	o, ok := initOut(reply)
+	if !ok {
+		return "nothing"
+	}
 	return fmt.Sprintf("protocol 7.%d, flags %#x, max_write %d, max_pages %d", o.Minor, o.Flags64(), o.MaxWrite, o.MaxPages)
 }
 

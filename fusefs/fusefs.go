@@ -414,7 +414,7 @@ func (s *Server) invalidate(old, cur *keystore.Snapshot) {
 		}
 		v := s.key(cur.Tenant(e.tenant), e.key)
 		switch {
-		case v == nil, s.salt != 0 && v.Version != e.version:
+		case v == nil, e.stale(v):
 			s.conn.invalEntry(nodeID(e.tenant, ""), e.key) // gone, or another inode now
 		case e.served != v:
 			s.conn.invalInode(id) // attributes (size) changed

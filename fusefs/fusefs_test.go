@@ -274,7 +274,10 @@ func TestMmap(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "secret-value")
 	for _, directIO := range []bool{false, true} {
-		_, mnt := e.mount(Options{directIO: directIO})
+		s, mnt := e.mount(Options{directIO: directIO})
+		if !directIO {
+			requirePassthrough(t, s)
+		}
 		// In a child: a process faulting on its own FUSE mount can deadlock
 		// with its own server (the fault holds a P through garbage collection).
 		cmd := exec.Command(os.Args[0], "-test.run=^TestMmapHelper$")
@@ -881,7 +884,10 @@ func TestRoundTrips(t *testing.T) {
 			e := newEnv(t)
 			e.put("acme", "openai", "secret-value")
 			var ops opLog
-			_, mnt := e.mount(Options{directIO: tc.directIO, debugLog: log.New(&ops, "", 0)})
+			s, mnt := e.mount(Options{directIO: tc.directIO, debugLog: log.New(&ops, "", 0)})
+			if !tc.directIO {
+				requirePassthrough(t, s)
+			}
 			f := filepath.Join(mnt, "acme", "openai")
 			if _, err := os.ReadFile(f); err != nil {
 				t.Fatal(err)

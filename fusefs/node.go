@@ -54,10 +54,14 @@ func hashID(tenant, key, extra string) uint64 {
 // key file.
 type entry struct {
 	tenant, key string
-	version     uint64        // key on a passthrough connection: the version its inode reads
+	version     uint64        // key on a passthrough connection: the version its inode reads; 0: any
 	lookups     uint64        // the kernel's references, FORGET takes them back
 	served      *keystore.Key // key: whose attributes the kernel last got
 }
+
+// stale says whether the entry's inode reads another version than v:
+// the name is another inode now.
+func (e entry) stale(v *keystore.Key) bool { return e.version != 0 && e.version != v.Version }
 
 // pinned is the reference count of entries a successor seeds from the
 // store: it cannot know the kernel's count, so they are never dropped.

@@ -2,7 +2,6 @@ package fusefs
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"sync"
 	"unsafe"
@@ -33,14 +32,14 @@ const (
 	iocBackingClose = 0x4004e502
 )
 
-// backing is the memory file open files of one key version read.
+// backing is the memory file the open files of one key inode (one
+// version) read.
 type backing struct {
-	version uint64
-	id      int32  // the kernel's backing id on the connection
-	fd      int    // the memory file
-	size    int    // of the value it holds
-	mem     []byte // its locked mapping, on a host with swap
-	refs    int    // handles reading it
+	id   int32  // the kernel's backing id on the connection
+	fd   int    // the memory file
+	size int    // of the value it holds
+	mem  []byte // its locked mapping, on a host with swap
+	refs int    // handles reading it
 }
 
 // backings are a view's memory files, by node id.
@@ -49,22 +48,19 @@ type backings struct {
 	m  map[uint64]*backing
 }
 
-// get returns the memory file of node id at version, making one that
-// holds pt if no file of the node reads one and create is set; nil if not.
-func (bs *backings) get(c *conn, id, version uint64, pt []byte, create bool) (*backing, error) {
+// get returns the memory file of node id, making one that holds pt if no
+// file of the node reads one and create is set; nil if not.
+func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, error) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
 	if b, ok := bs.m[id]; ok {
-		if b.version != version {
-			return nil, errStale // cannot be: each version has its own inode
-		}
 		b.refs++
 		return b, nil
 	}
 	if !create {
 		return nil, nil
 	}
-	b, err := newBacking(c, version, pt)
+	b, err := newBacking(c, pt)
 	if err != nil {
 		return nil, err
 	}
@@ -102,24 +98,32 @@ func (bs *backings) len() int {
 	return len(bs.m)
 }
 
-func newBacking(c *conn, version uint64, pt []byte) (*backing, error) {
+func newBacking(c *conn, pt []byte) (*backing, error) {
 	fd, err := unix.MemfdCreate("keyfs", unix.MFD_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("memfd_create: %w", err)
 	}
-	b := &backing{version: version, fd: fd, size: len(pt), refs: 1}
+	b := &backing{fd: fd, size: len(pt), refs: 1}
 	if err := b.fill(pt); err != nil {
 		b.wipe()
 		return nil, err
 	}
+	if b.id, err = openBacking(c, fd); err != nil {
+		b.wipe()
+		return nil, err
+	}
+	return b, nil
+}
+
+// openBacking registers memory file fd with c; the id names it in OPEN
+// replies.
+func openBacking(c *conn, fd int) (int32, error) {
 	m := fuse.BackingMap{Fd: int32(fd)}
 	id, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c.fd), iocBackingOpen, uintptr(unsafe.Pointer(&m)))
 	if errno != 0 {
-		b.wipe()
-		return nil, fmt.Errorf("register the memory file with the FUSE connection: %w", errno)
+		return 0, fmt.Errorf("register the memory file with the FUSE connection: %w", errno)
 	}
-	b.id = int32(id)
-	return b, nil
+	return int32(id), nil
 }
 
 func (b *backing) fill(pt []byte) error {
@@ -169,10 +173,9 @@ func dropStale(c *conn) {
 	if err != nil {
 		return
 	}
-	m := fuse.BackingMap{Fd: int32(fd)}
-	first, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(c.fd), iocBackingOpen, uintptr(unsafe.Pointer(&m)))
+	first, err := openBacking(c, fd)
 	unix.Close(fd)
-	if errno != 0 {
+	if err != nil {
 		return
 	}
 	go func() {
@@ -205,13 +208,8 @@ func (b *backing) wipe() {
 // negotiatedPassthrough says whether an INIT reply enabled passthrough:
 // the kernel takes it only with a stacking depth.
 func negotiatedPassthrough(reply []byte) bool {
-	const hdr = int(unsafe.Sizeof(fuse.OutHeader{}))
-	var o fuse.InitOut
-	if len(reply) < hdr {
-		return false
-	}
-	copy(unsafe.Slice((*byte)(unsafe.Pointer(&o)), unsafe.Sizeof(o)), reply[hdr:])
-	return o.Flags64()&fuse.CAP_PASSTHROUGH != 0 && o.MaxStackDepth > 0
+	o, ok := initOut(reply)
+	return ok && o.Flags64()&fuse.CAP_PASSTHROUGH != 0 && o.MaxStackDepth > 0
 }
 
 // withoutStackDepth returns an INIT reply with its stacking depth zeroed:
@@ -225,24 +223,25 @@ func withoutStackDepth(reply []byte) []byte {
 	return r
 }
 
-// passThrough gives h a memory file to read from; false when h is to be
-// read through keyfs (direct I/O). An inode that has one must get it.
-func (s *Server) passThrough(id uint64, h *handle) (bool, error) {
+// passThrough gives h, opened on node id, a memory file to read from;
+// false when h is to be read through keyfs (direct I/O). An inode that
+// has one must get it: the kernel refuses direct I/O on it.
+func (s *Server) passThrough(id uint64, h *handle) bool {
 	if s.salt == 0 {
-		return false, nil
+		return false
 	}
-	b, err := s.backings.get(s.conn, id, h.v.Version, h.pt, s.conn.passthrough.Load())
-	if err != nil && !errors.Is(err, errStale) {
+	b, err := s.backings.get(s.conn, id, h.pt, s.conn.passthrough.Load())
+	if err != nil {
 		if s.conn.passthrough.CompareAndSwap(true, false) {
 			s.log.Warn("key files of this view are read through keyfs from now on, not from memory files (slower, as safe)",
 				"mountpoint", s.conn.mountpoint, "err", err)
 		}
-		return false, nil
+		return false
 	}
 	if b == nil {
-		return false, err
+		return false
 	}
 	h.b, h.node = b, id
 	h.release() // the memory file holds the value now
-	return true, nil
+	return true
 }

@@ -94,7 +94,7 @@ func (fs *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOu
 	if v == nil {
 		return fuse.ENOENT
 	}
-	if s.salt != 0 && v.Version != e.version {
+	if e.stale(v) {
 		return fuse.Status(syscall.ESTALE) // the name is another inode now
 	}
 	s.fileAttr(v, &out.Attr)
@@ -220,10 +220,7 @@ func (fs *rawFS) Open(_ <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fus
 	// NOFLUSH: close needs no round trip; DIRECT_IO: no page cache;
 	// PASSTHROUGH: reads served by the kernel from the memory file.
 	out.OpenFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_NOFLUSH
-	if ok, err := s.passThrough(in.NodeId, h); err != nil {
-		h.release()
-		return fuse.Status(syscall.ESTALE)
-	} else if ok {
+	if s.passThrough(in.NodeId, h) {
 		out.OpenFlags = fuse.FOPEN_PASSTHROUGH | fuse.FOPEN_NOFLUSH
 		out.BackingID = h.b.id
 	}
@@ -262,7 +259,7 @@ func (s *Server) open(in *fuse.InHeader, e entry) (*handle, error) {
 	if v == nil || errors.Is(err, keystore.ErrNotFound) {
 		return nil, fmt.Errorf("%s/%s: %w", tenant, name, keystore.ErrNotFound) // removed meanwhile
 	}
-	if s.salt != 0 && v.Version != e.version {
+	if e.stale(v) {
 		return nil, errStale
 	}
 	ev := s.event(in, tenant, name, v.Version)

@@ -199,6 +199,8 @@ func TestResumeAfterKill(t *testing.T) {
 func TestResumePassthrough(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "v1")
+	probe, _ := e.mount(Options{})
+	requirePassthrough(t, probe)
 	first, sess, mnt := e.startFirst(t, e.seed)
 	key := filepath.Join(mnt, "acme", "openai")
 	held, err := os.Open(key)
