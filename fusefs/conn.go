@@ -218,10 +218,10 @@ func (c *conn) serve() error {
 	return p.add(c)
 }
 
-// readerBufs holds readers' request and reply buffers: readers come and
-// go with the load, and 264 kB of fresh buffers each made most of a busy
-// daemon's garbage.
-var readerBufs = sync.Pool{New: func() any { return new([2 * bufSize]byte) }}
+// readerBufs holds readers' buffers (two requests, one reply): readers
+// come and go with the load, and fresh buffers of 264 kB each made most
+// of a busy daemon's garbage.
+var readerBufs = sync.Pool{New: func() any { return new([3 * bufSize]byte) }}
 
 // read reads the request the poller saw; false when there was none.
 func (c *conn) read(in []byte) (int, bool) {
@@ -237,6 +237,18 @@ func (c *conn) read(in []byte) (int, bool) {
 	}
 	c.end()
 	return 0, false
+}
+
+// take reads one request under use, for a reader that answers another
+// connection's first; 0 if there was none.
+func (c *conn) take(in []byte) int {
+	c.use.RLock()
+	defer c.use.RUnlock()
+	if c.closed {
+		return 0
+	}
+	n, _ := c.read(in)
+	return n
 }
 
 // mayBlock is called by a handler before something that can take long
@@ -277,8 +289,14 @@ func (c *conn) lost(req, reply []byte) {
 	}
 }
 
-// opOpen is FUSE_OPEN (include/uapi/linux/fuse.h).
-const opOpen = 14
+// Opcodes (include/uapi/linux/fuse.h).
+const (
+	opForget      = 2
+	opOpen        = 14
+	opRelease     = 18
+	opReleaseDir  = 29
+	opBatchForget = 42
+)
 
 // end stops serving a connection the kernel ended.
 func (c *conn) end() {

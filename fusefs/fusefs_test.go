@@ -1164,3 +1164,38 @@ func TestOneReaderWaits(t *testing.T) {
 		return p.readers == 1 && p.idle.Load() == 1
 	})
 }
+
+// TestGoingRoundMounts: a reader going round two mounts (the RELEASE of
+// one and the OPEN of the next on two connections at once, now and then)
+// is served by the one waiting reader: a reader started for the second
+// connection would be woken on the other CPU for a request the first
+// answers microseconds later.
+func TestGoingRoundMounts(t *testing.T) {
+	e := newEnv(t)
+	e.log.StartQueue(4096) // as keyfs runs: no audit write before a reply
+	e.put("acme", "openai", "v1")
+	_, a := e.mount(Options{})
+	_, b := e.mount(Options{})
+	p, err := sharedPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := func() int {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.started
+	}
+	var before int
+	for i := range 4002 {
+		if i == 2 {
+			before = started() // the first opens load the record: a slow path
+		}
+		got, err := os.ReadFile(filepath.Join([]string{a, b}[i%2], "acme", "openai"))
+		if err != nil || string(got) != "v1" {
+			t.Fatalf("read %d: %q, %v", i, got, err)
+		}
+	}
+	if n := started() - before; n != 0 {
+		t.Errorf("going round two mounts started %d readers, want none", n)
+	}
+}

@@ -1,6 +1,8 @@
 package fusefs
 
 import (
+	"bytes"
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
 
@@ -24,12 +26,16 @@ import (
 // start another: a second waiting thread would be woken, on the other
 // CPU, by a request on another mount (a reader going round mounts, a
 // RELEASE and the next OPEN) that the busy reader takes microseconds
-// later. Instead more readers start where there is more work: a wait
-// that returns two connections starts a reader for the second, a
-// handler about to do something slow (the store, a synchronous audit
-// write) re-arms its connection and starts a reader if none waits
-// (mayBlock), and a reader re-arms a connection after maxDrain requests
-// in a row, so a busy mount cannot keep the others waiting.
+// later. For the same reason the reader that a wait gives two
+// connections takes a request of each, and answers the one somebody waits
+// for first (a reader going round mounts: its OPEN before the RELEASE of
+// the file it closed, which nobody waits for). More readers start where
+// there is more work: the second of two connections whose requests both
+// have a caller waiting gets a reader of its own, a handler about to do
+// something slow (the store, a synchronous audit write) re-arms its
+// connection and starts a reader if none waits (mayBlock), and a reader
+// re-arms a connection after maxDrain requests in a row, so a busy mount
+// cannot keep the others waiting.
 //
 // Descriptors are non-blocking: a request can vanish between the event
 // and the read (its caller was killed), and a blocking read would then
@@ -50,6 +56,7 @@ type poller struct {
 
 	mu      sync.Mutex // starting readers
 	readers int
+	started int          // readers ever started
 	idle    atomic.Int32 // readers waiting for a request
 }
 
@@ -67,7 +74,7 @@ func sharedPoller() (*poller, error) {
 			return
 		}
 		thePoller = &poller{epfd: fd}
-		thePoller.spawn(nil)
+		thePoller.spawn(nil, nil)
 	})
 	return thePoller, pollerErr
 }
@@ -103,35 +110,37 @@ func (p *poller) remove(c *conn) {
 	p.conns.Delete(c.id)
 }
 
-// spawn adds a reader that first serves c, or, with c nil, waits; false
-// if there are maxReaders already.
-func (p *poller) spawn(c *conn) bool {
+// spawn adds a reader that first serves c, starting with its request
+// req if one was taken, or, with c nil, waits; false if there are
+// maxReaders already.
+func (p *poller) spawn(c *conn, req []byte) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.readers == maxReaders {
 		return false
 	}
 	p.readers++
+	p.started++
 	if c == nil {
 		p.idle.Add(1)
 	}
-	go p.reader(c)
+	go p.reader(c, bytes.Clone(req))
 	return true
 }
 
 // mayBlock makes sure a reader waits while this one does something slow.
 func (p *poller) mayBlock() {
 	if p.idle.Load() == 0 {
-		p.spawn(nil)
+		p.spawn(nil, nil)
 	}
 }
 
-func (p *poller) reader(first *conn) {
-	bufs := readerBufs.Get().(*[2 * bufSize]byte)
+func (p *poller) reader(first *conn, req []byte) {
+	bufs := readerBufs.Get().(*[3 * bufSize]byte)
 	defer readerBufs.Put(bufs)
-	in, out := bufs[:bufSize], bufs[bufSize:]
+	in, held, out := bufs[:bufSize], bufs[bufSize:2*bufSize], bufs[2*bufSize:]
 	if first != nil {
-		p.serve(first, in, out)
+		p.serve(first, in, copy(in, req), out)
 		if !p.rejoin() {
 			return
 		}
@@ -143,22 +152,40 @@ func (p *poller) reader(first *conn) {
 			continue // EINTR
 		}
 		p.idle.Add(-1)
-		var later *conn
+		a, b := p.conn(ev[0]), (*conn)(nil)
 		if n == 2 {
-			// More than one connection has requests: more work than
-			// one reader.
-			if c := p.conn(ev[1]); c != nil && !p.spawn(c) {
-				later = c // at maxReaders: this reader serves both
-			}
+			b = p.conn(ev[1])
 		}
-		for _, c := range []*conn{p.conn(ev[0]), later} {
-			if c != nil {
-				p.serve(c, in, out)
+		if a == nil || b == nil {
+			for _, c := range []*conn{a, b} {
+				if c != nil {
+					p.serve(c, in, 0, out)
+				}
 			}
+		} else {
+			p.serveTwo(a, b, held, in, out)
 		}
 		if !p.rejoin() {
 			return
 		}
+	}
+}
+
+// serveTwo serves two connections with requests: a request somebody waits
+// for before one nobody does, and a reader of its own for the second if
+// both have a caller waiting.
+func (p *poller) serveTwo(a, b *conn, inA, inB, out []byte) {
+	ka, kb := a.take(inA), b.take(inB)
+	waitA, waitB := ka > 0 && !background(inA[:ka]), kb > 0 && !background(inB[:kb])
+	switch {
+	case waitA && waitB && p.spawn(b, inB[:kb]):
+		p.serve(a, inA, ka, out)
+	case waitB && !waitA:
+		p.serve(b, inB, kb, out)
+		p.serve(a, inA, ka, out)
+	default:
+		p.serve(a, inA, ka, out)
+		p.serve(b, inB, kb, out)
 	}
 }
 
@@ -171,28 +198,45 @@ func (p *poller) conn(ev unix.EpollEvent) *conn {
 }
 
 // serve answers the requests of c until none is there, maxDrain were, or
-// a handler re-armed c; then it re-arms c (unless the handler did).
-func (p *poller) serve(c *conn, in, out []byte) {
+// a handler re-armed c; then it re-arms c (unless the handler did). If k
+// > 0, in holds the first, taken already.
+func (p *poller) serve(c *conn, in []byte, k int, out []byte) {
 	c.use.RLock()
 	defer c.use.RUnlock()
 	if c.closed {
-		return
+		return // a request taken is dropped: there is no one to answer
 	}
-	n, ok := c.read(in)
+	ok := k > 0
+	if !ok {
+		k, ok = c.read(in)
+	}
 	c.early.Store(false)
 	for i := 1; ok; i++ {
-		c.handle(in[:n], out)
+		c.handle(in[:k], out)
 		if c.early.Load() {
 			return // re-armed: other readers take the rest
 		}
 		if i == maxDrain {
 			break
 		}
-		n, ok = c.read(in)
+		k, ok = c.read(in)
 	}
 	if !ended(c) {
 		p.rearm(c)
 	}
+}
+
+// background says whether a request is one no caller waits for: a
+// RELEASE (the kernel sends it after close returned) or a FORGET.
+func background(req []byte) bool {
+	if len(req) < 8 {
+		return false
+	}
+	switch binary.NativeEndian.Uint32(req[4:]) {
+	case opForget, opRelease, opReleaseDir, opBatchForget:
+		return true
+	}
+	return false
 }
 
 func ended(c *conn) bool {
