@@ -114,18 +114,20 @@ func (t *nodeTable) setServed(id uint64, v *keystore.Key) {
 	}
 }
 
-func (t *nodeTable) forget(id, n uint64) {
+// forget drops n references; true if that was the last.
+func (t *nodeTable) forget(id, n uint64) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	e, ok := t.byID[id]
 	if !ok || e.lookups >= pinned {
-		return
+		return false
 	}
 	if e.lookups <= n {
 		delete(t.byID, id)
-		return
+		return true
 	}
 	e.lookups -= n
+	return false
 }
 
 // all copies the table, for invalidation.

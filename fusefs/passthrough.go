@@ -3,6 +3,7 @@ package fusefs
 import (
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sync"
 	"unsafe"
 
@@ -16,9 +17,16 @@ import (
 // to keyfs (OPEN) instead of three (OPEN, READ, the READ that finds EOF).
 // The memory file is anonymous (memfd), and wiped when the last file
 // reading it is released. On a host with swap it is also mapped into
-// keyfs while open, so that keyfs's mlockall keeps it out of swap (a map
-// and unmap cost about 10 µs an open, so not where nothing can swap).
+// keyfs, so that keyfs's mlockall keeps it out of swap (a map and unmap
+// cost about 10 µs an open, so not where nothing can swap).
 // Nothing is cached between opens: each is decrypted and audited here.
+//
+// A wiped memory file stays registered with its inode (up to maxIdle a
+// view), and the next open of that inode writes the value into it again:
+// making, registering, unregistering and closing one cost a third of a
+// read. An inode is one version of one key of one view, so a process that
+// kept such a file mapped after closing it sees zeros, and while the key
+// is open again the value it read already, never another.
 //
 // The kernel lets an inode read from one backing file at a time, and
 // refuses (EIO) a direct I/O open of an inode that has one: opens of a
@@ -39,26 +47,41 @@ type backing struct {
 	fd   int    // the memory file
 	size int    // of the value it holds
 	mem  []byte // its locked mapping, on a host with swap
-	refs int    // handles reading it
+	refs int    // handles reading it; 0: wiped, kept for the next open
 }
+
+// maxIdle bounds the wiped memory files a view keeps for the next open.
+const maxIdle = 16
 
 // backings are a view's memory files, by node id.
 type backings struct {
-	mu sync.Mutex
-	m  map[uint64]*backing
+	mu   sync.Mutex
+	m    map[uint64]*backing
+	idle []uint64 // nodes whose file is wiped, least recently used first
 }
 
-// get returns the memory file of node id, making one that holds pt if no
-// file of the node reads one and create is set; nil if not.
+// get returns the memory file of node id, holding pt: the one the node's
+// open files read, else (if create is set) its wiped one filled again or
+// a new one; nil if none.
 func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, error) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
-	if b, ok := bs.m[id]; ok {
+	b, ok := bs.m[id]
+	switch {
+	case ok && b.refs > 0:
 		b.refs++
 		return b, nil
-	}
-	if !create {
+	case !create:
 		return nil, nil
+	case ok:
+		bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
+		if err := b.fill(pt); err != nil {
+			delete(bs.m, id)
+			b.close(c)
+			return nil, err
+		}
+		b.refs = 1
+		return b, nil
 	}
 	b, err := newBacking(c, pt)
 	if err != nil {
@@ -71,18 +94,36 @@ func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, e
 	return b, nil
 }
 
-// put drops a handle's reference; the last one closes and wipes it.
+// put drops a handle's reference; the last one wipes the file and keeps
+// it for the next open, closing the least recently used beyond maxIdle.
 func (bs *backings) put(c *conn, id uint64, b *backing) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
 	if b.refs--; b.refs > 0 {
 		return
 	}
-	delete(bs.m, id)
-	b.close(c)
+	b.zero()
+	bs.idle = append(bs.idle, id)
+	if len(bs.idle) > maxIdle {
+		old := bs.idle[0]
+		bs.idle = slices.Delete(bs.idle, 0, 1)
+		bs.m[old].close(c)
+		delete(bs.m, old)
+	}
 }
 
-// closeAll wipes every memory file: the connection ended.
+// forget closes node id's wiped file: the kernel dropped the inode.
+func (bs *backings) forget(c *conn, id uint64) {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	if b, ok := bs.m[id]; ok && b.refs == 0 {
+		bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
+		delete(bs.m, id)
+		b.close(c)
+	}
+}
+
+// closeAll wipes and closes every memory file: the connection ended.
 func (bs *backings) closeAll(c *conn) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
@@ -90,12 +131,20 @@ func (bs *backings) closeAll(c *conn) {
 		delete(bs.m, id)
 		b.close(c)
 	}
+	bs.idle = nil
 }
 
-func (bs *backings) len() int {
+// inUse counts the memory files open files read.
+func (bs *backings) inUse() int {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
-	return len(bs.m)
+	n := 0
+	for _, b := range bs.m {
+		if b.refs > 0 {
+			n++
+		}
+	}
+	return n
 }
 
 func newBacking(c *conn, pt []byte) (*backing, error) {
@@ -103,13 +152,13 @@ func newBacking(c *conn, pt []byte) (*backing, error) {
 	if err != nil {
 		return nil, fmt.Errorf("memfd_create: %w", err)
 	}
-	b := &backing{fd: fd, size: len(pt), refs: 1}
+	b := &backing{fd: fd, refs: 1}
 	if err := b.fill(pt); err != nil {
-		b.wipe()
+		b.close(nil)
 		return nil, err
 	}
 	if b.id, err = openBacking(c, fd); err != nil {
-		b.wipe()
+		b.close(nil)
 		return nil, err
 	}
 	return b, nil
@@ -126,11 +175,14 @@ func openBacking(c *conn, fd int) (int32, error) {
 	return int32(id), nil
 }
 
+// fill writes pt into the file: a new one, or one wiped (the same
+// version, so the same size).
 func (b *backing) fill(pt []byte) error {
+	b.size = len(pt)
 	if len(pt) == 0 {
 		return nil
 	}
-	if hostSwaps() {
+	if b.mem == nil && hostSwaps() {
 		if err := unix.Ftruncate(b.fd, int64(len(pt))); err != nil {
 			return fmt.Errorf("size the memory file: %w", err)
 		}
@@ -139,7 +191,12 @@ func (b *backing) fill(pt []byte) error {
 			return fmt.Errorf("map the memory file: %w", err)
 		}
 		b.mem = mem
-		copy(mem, pt) // faulted in, so locked by mlockall(MCL_FUTURE|MCL_ONFAULT)
+	}
+	if b.mem != nil {
+		if len(b.mem) != len(pt) {
+			return fmt.Errorf("a memory file of %d bytes for a value of %d", len(b.mem), len(pt))
+		}
+		copy(b.mem, pt) // faulted in, so locked by mlockall(MCL_FUTURE|MCL_ONFAULT)
 		return nil
 	}
 	if _, err := unix.Pwrite(b.fd, pt, 0); err != nil {
@@ -155,9 +212,17 @@ var hostSwaps = func() bool {
 	return unix.Sysinfo(&si) != nil || si.Totalswap > 0
 }
 
+// close unregisters (c nil: it never was), wipes and closes the file.
 func (b *backing) close(c *conn) {
-	closeBacking(c, uint32(b.id))
-	b.wipe()
+	if c != nil {
+		closeBacking(c, uint32(b.id))
+	}
+	b.zero()
+	if b.mem != nil {
+		unix.Munmap(b.mem)
+		b.mem = nil
+	}
+	unix.Close(b.fd)
 }
 
 func closeBacking(c *conn, id uint32) {
@@ -190,19 +255,16 @@ func dropStale(c *conn) {
 	}()
 }
 
-// wipe overwrites the value and lets the memory file go.
-func (b *backing) wipe() {
+// zero overwrites the value.
+func (b *backing) zero() {
 	if b.mem != nil {
 		clear(b.mem)
-		unix.Munmap(b.mem)
-		b.mem = nil
-	} else if b.size > 0 {
-		var zero [4096]byte
-		for off := 0; off < b.size; off += len(zero) {
-			unix.Pwrite(b.fd, zero[:min(len(zero), b.size-off)], int64(off))
-		}
+		return
 	}
-	unix.Close(b.fd)
+	var zero [4096]byte
+	for off := 0; off < b.size; off += len(zero) {
+		unix.Pwrite(b.fd, zero[:min(len(zero), b.size-off)], int64(off))
+	}
 }
 
 // negotiatedPassthrough says whether an INIT reply enabled passthrough:

@@ -1,12 +1,16 @@
 package fusefs
 
 import (
+	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/keyfs/keyfs/internal/testenv"
 )
@@ -19,9 +23,33 @@ func requirePassthrough(t *testing.T, s *Server) {
 	}
 }
 
+// wiped says whether every memory file no open file reads holds only
+// zeros, and how many there are.
+func wiped(t *testing.T, s *Server) (bool, int) {
+	t.Helper()
+	s.backings.mu.Lock()
+	defer s.backings.mu.Unlock()
+	kept := 0
+	for _, b := range s.backings.m {
+		if b.refs > 0 {
+			continue
+		}
+		kept++
+		buf := make([]byte, b.size)
+		if _, err := unix.Pread(b.fd, buf, 0); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(buf, make([]byte, b.size)) {
+			return false, kept
+		}
+	}
+	return true, kept
+}
+
 // TestPassthroughShares: concurrent opens of one key share one memory
 // file; a file open across a rotation keeps its version while new opens
-// read the new one; when every file is closed no memory file is left.
+// read the new one; when every file is closed no memory file is read,
+// and those kept hold zeros.
 func TestPassthroughShares(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "v1")
@@ -36,7 +64,7 @@ func TestPassthroughShares(t *testing.T) {
 		}
 		files = append(files, f)
 	}
-	if n := s.backings.len(); n != 1 {
+	if n := s.backings.inUse(); n != 1 {
 		t.Errorf("4 open files of one key use %d memory files, want 1", n)
 	}
 	var wg sync.WaitGroup
@@ -60,12 +88,69 @@ func TestPassthroughShares(t *testing.T) {
 	for _, f := range files {
 		f.Close()
 	}
-	within(t, 5*time.Second, "no memory file left", func() bool { return s.backings.len() == 0 })
+	within(t, 5*time.Second, "no memory file read", func() bool { return s.backings.inUse() == 0 })
+	// v2's is kept; v1's too until the kernel forgets its inode.
+	if ok, kept := wiped(t, s); !ok || kept < 1 || kept > 2 {
+		t.Errorf("after the last close: %d memory files kept (want v2's, and v1's or not), all wiped %v", kept, ok)
+	}
+}
+
+// TestPassthroughReuses: the next open of a key finds its wiped memory
+// file and fills it again (one file made for many opens, each reading the
+// value); a view keeps at most maxIdle wiped files, and none once the
+// kernel forgot their inodes.
+func TestPassthroughReuses(t *testing.T) {
+	e := newEnv(t)
+	const keys = maxIdle + 4
+	for i := range keys {
+		e.put("acme", fmt.Sprintf("k%02d", i), fmt.Sprintf("value-%02d", i))
+	}
+	s, mnt := e.mount(Options{})
+	requirePassthrough(t, s)
+	key := filepath.Join(mnt, "acme", "k00")
+	var ids []int32
+	for range 3 {
+		f, err := os.Open(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := mustPread(t, f, make([]byte, 16)); got != "value-00" {
+			t.Errorf("read %q, want value-00", got)
+		}
+		s.backings.mu.Lock()
+		for _, b := range s.backings.m {
+			ids = append(ids, b.id)
+		}
+		s.backings.mu.Unlock()
+		f.Close()
+		within(t, 5*time.Second, "no memory file read", func() bool { return s.backings.inUse() == 0 })
+	}
+	if len(ids) != 3 || ids[0] != ids[1] || ids[1] != ids[2] {
+		t.Errorf("3 opens of one key read memory files %v, want one and the same", ids)
+	}
+	for i := range keys {
+		name := fmt.Sprintf("k%02d", i)
+		b, err := os.ReadFile(filepath.Join(mnt, "acme", name))
+		if want := fmt.Sprintf("value-%02d", i); err != nil || string(b) != want {
+			t.Fatalf("read %s: %q, %v; want %q", name, b, err, want)
+		}
+	}
+	within(t, 5*time.Second, "no memory file read", func() bool { return s.backings.inUse() == 0 })
+	if ok, kept := wiped(t, s); !ok || kept != maxIdle {
+		t.Errorf("after reading %d keys: %d memory files kept (want %d), all wiped %v", keys, kept, maxIdle, ok)
+	}
+	// Dropping the dentry cache makes the kernel forget the inodes.
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("2"), 0); err != nil {
+		t.Fatal(err)
+	}
+	within(t, 5*time.Second, "no memory file kept once forgotten", func() bool {
+		_, kept := wiped(t, s)
+		return kept == 0
+	})
 }
 
 // TestPassthroughLockedWithSwap: where the host can swap, the memory file
-// is mapped (so locked with the rest of keyfs) while open, and unmapped
-// when closed.
+// is mapped (so locked with the rest of keyfs), and wiped when closed.
 func TestPassthroughLockedWithSwap(t *testing.T) {
 	swaps := hostSwaps
 	hostSwaps = func() bool { return true }
@@ -91,9 +176,12 @@ func TestPassthroughLockedWithSwap(t *testing.T) {
 	if got := mustPread(t, f, make([]byte, 32)); got != "locked-value" {
 		t.Errorf("read %q, want locked-value", got)
 	}
-	if s.backings.len() != 1 || !mapped() {
-		t.Errorf("open file: %d memory files, mapped %v; want 1, mapped", s.backings.len(), mapped())
+	if s.backings.inUse() != 1 || !mapped() {
+		t.Errorf("open file: %d memory files, mapped %v; want 1, mapped", s.backings.inUse(), mapped())
 	}
 	f.Close()
-	within(t, 5*time.Second, "the memory file unmapped", func() bool { return s.backings.len() == 0 && !mapped() })
+	within(t, 5*time.Second, "no memory file read", func() bool { return s.backings.inUse() == 0 })
+	if ok, kept := wiped(t, s); !ok || kept != 1 {
+		t.Errorf("after close: %d memory files kept (want 1), all wiped %v", kept, ok)
+	}
 }

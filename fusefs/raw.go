@@ -61,7 +61,11 @@ func (s *Server) collision(tenant, key string) fuse.Status {
 	return fuse.EIO
 }
 
-func (fs *rawFS) Forget(id, n uint64) { fs.s.nodes.forget(id, n) }
+func (fs *rawFS) Forget(id, n uint64) {
+	if fs.s.nodes.forget(id, n) {
+		fs.s.backings.forget(fs.s.conn, id)
+	}
+}
 
 func (fs *rawFS) GetAttr(_ <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
 	s := fs.s
