@@ -75,13 +75,15 @@ func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, e
 		return nil, nil
 	case ok:
 		bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
-		if err := b.fill(pt); err != nil {
-			delete(bs.m, id)
-			b.close(c)
-			return nil, err
+		// A value of another size under the same version (a record
+		// applied again under its number) gets a file of its own: a
+		// write does not shorten one.
+		if b.size == len(pt) && b.fill(pt) == nil {
+			b.refs = 1
+			return b, nil
 		}
-		b.refs = 1
-		return b, nil
+		delete(bs.m, id)
+		b.close(c)
 	}
 	b, err := newBacking(c, pt)
 	if err != nil {
@@ -175,8 +177,7 @@ func openBacking(c *conn, fd int) (int32, error) {
 	return int32(id), nil
 }
 
-// fill writes pt into the file: a new one, or one wiped (the same
-// version, so the same size).
+// fill writes pt into the file: a new one, or one wiped of pt's size.
 func (b *backing) fill(pt []byte) error {
 	b.size = len(pt)
 	if len(pt) == 0 {
@@ -193,9 +194,6 @@ func (b *backing) fill(pt []byte) error {
 		b.mem = mem
 	}
 	if b.mem != nil {
-		if len(b.mem) != len(pt) {
-			return fmt.Errorf("a memory file of %d bytes for a value of %d", len(b.mem), len(pt))
-		}
 		copy(b.mem, pt) // faulted in, so locked by mlockall(MCL_FUTURE|MCL_ONFAULT)
 		return nil
 	}

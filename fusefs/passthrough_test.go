@@ -185,3 +185,30 @@ func TestPassthroughLockedWithSwap(t *testing.T) {
 		t.Errorf("after close: %d memory files kept (want 1), all wiped %v", kept, ok)
 	}
 }
+
+// TestPassthroughSameVersionOtherValue: a version number can come back
+// with another value (cluster mode applies a manifest again under its
+// number): a kept memory file of another size is not filled again, since
+// a write does not shorten it, and the file read holds the value alone.
+func TestPassthroughSameVersionOtherValue(t *testing.T) {
+	e := newEnv(t)
+	s, _ := e.mount(Options{})
+	requirePassthrough(t, s)
+	const node = 42
+	for _, v := range []string{"a-longer-value", "short", "short", "a-longer-value"} {
+		b, err := s.backings.get(s.conn, node, []byte(v), true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st unix.Stat_t
+		buf := make([]byte, 64)
+		n, err := unix.Pread(b.fd, buf, 0)
+		if err != nil || unix.Fstat(b.fd, &st) != nil {
+			t.Fatal(err)
+		}
+		if string(buf[:n]) != v || st.Size != int64(len(v)) {
+			t.Errorf("memory file for %q holds %q (%d bytes)", v, buf[:n], st.Size)
+		}
+		s.backings.put(s.conn, node, b)
+	}
+}
