@@ -15,16 +15,15 @@ import (
 // passed through to a memory file that holds the opened value: the kernel
 // then answers its reads itself, and an open+read+close is one round trip
 // to keyfs (OPEN) instead of three (OPEN, READ, the READ that finds EOF).
-// The memory file is anonymous (memfd), and wiped when the last file
-// reading it is released. On a host with swap it is also mapped into
-// keyfs, so that keyfs's mlockall keeps it out of swap (a map and unmap
-// cost about 10 µs an open, so not where nothing can swap).
-// Nothing is cached between opens: each is decrypted and audited here.
+// The memory file is anonymous (memfd), mapped into keyfs so that
+// keyfs's mlockall keeps it out of swap, and wiped when the last file
+// reading it is released. Nothing is cached between opens: each is
+// decrypted and audited here.
 //
 // A wiped memory file stays registered with its inode (up to maxIdle a
-// view), and the next open of that inode writes the value into it again:
-// making, registering, unregistering and closing one cost a third of a
-// read. An inode is one version of one key of one view, so a process that
+// view), and the next open of that inode copies the value into it again:
+// making, mapping, registering, unregistering and closing one cost more
+// than a third of a read. An inode is one version of one key of one view, so a process that
 // kept such a file mapped after closing it sees zeros, and while the key
 // is open again the value it read already, never another.
 //
@@ -46,7 +45,7 @@ type backing struct {
 	id   int32  // the kernel's backing id on the connection
 	fd   int    // the memory file
 	size int    // of the value it holds
-	mem  []byte // its locked mapping, on a host with swap
+	mem  []byte // its mapping, locked
 	refs int    // handles reading it; 0: wiped, kept for the next open
 }
 
@@ -178,12 +177,14 @@ func openBacking(c *conn, fd int) (int32, error) {
 }
 
 // fill writes pt into the file: a new one, or one wiped of pt's size.
+// The file is mapped into keyfs, so keyfs's mlockall keeps it out of
+// swap, and filling and wiping it are copies, not system calls.
 func (b *backing) fill(pt []byte) error {
 	b.size = len(pt)
 	if len(pt) == 0 {
 		return nil
 	}
-	if b.mem == nil && hostSwaps() {
+	if b.mem == nil {
 		if err := unix.Ftruncate(b.fd, int64(len(pt))); err != nil {
 			return fmt.Errorf("size the memory file: %w", err)
 		}
@@ -193,21 +194,8 @@ func (b *backing) fill(pt []byte) error {
 		}
 		b.mem = mem
 	}
-	if b.mem != nil {
-		copy(b.mem, pt) // faulted in, so locked by mlockall(MCL_FUTURE|MCL_ONFAULT)
-		return nil
-	}
-	if _, err := unix.Pwrite(b.fd, pt, 0); err != nil {
-		return fmt.Errorf("write the memory file: %w", err)
-	}
+	copy(b.mem, pt) // faulted in, so locked by mlockall(MCL_FUTURE|MCL_ONFAULT)
 	return nil
-}
-
-// hostSwaps says whether memory can be swapped out here (asked on every
-// new memory file: swap can be turned on at any time).
-var hostSwaps = func() bool {
-	var si unix.Sysinfo_t
-	return unix.Sysinfo(&si) != nil || si.Totalswap > 0
 }
 
 // close unregisters (c nil: it never was), wipes and closes the file.
@@ -254,16 +242,7 @@ func dropStale(c *conn) {
 }
 
 // zero overwrites the value.
-func (b *backing) zero() {
-	if b.mem != nil {
-		clear(b.mem)
-		return
-	}
-	var zero [4096]byte
-	for off := 0; off < b.size; off += len(zero) {
-		unix.Pwrite(b.fd, zero[:min(len(zero), b.size-off)], int64(off))
-	}
-}
+func (b *backing) zero() { clear(b.mem) }
 
 // negotiatedPassthrough says whether an INIT reply enabled passthrough:
 // the kernel takes it only with a stacking depth.

@@ -149,12 +149,9 @@ func TestPassthroughReuses(t *testing.T) {
 	})
 }
 
-// TestPassthroughLockedWithSwap: where the host can swap, the memory file
-// is mapped (so locked with the rest of keyfs), and wiped when closed.
-func TestPassthroughLockedWithSwap(t *testing.T) {
-	swaps := hostSwaps
-	hostSwaps = func() bool { return true }
-	t.Cleanup(func() { hostSwaps = swaps })
+// TestPassthroughMapped: the memory file is mapped into keyfs (so locked
+// with the rest of keyfs), and wiped when closed.
+func TestPassthroughMapped(t *testing.T) {
 	e := newEnv(t)
 	e.put("acme", "openai", "locked-value")
 	s, mnt := e.mount(Options{})
