@@ -75,8 +75,8 @@ func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, e
 	case ok:
 		bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
 		// A value of another size under the same version (a record
-		// applied again under its number) gets a file of its own: a
-		// write does not shorten one.
+		// applied again under its number) gets a file of its own: the
+		// kept one and its mapping have the old size.
 		if b.size == len(pt) && b.fill(pt) == nil {
 			b.refs = 1
 			return b, nil
