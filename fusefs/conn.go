@@ -280,13 +280,18 @@ func (c *conn) handle(req, out []byte) {
 // lost ends the handle of an OPEN whose reply the kernel did not take:
 // no RELEASE will come for it.
 func (c *conn) lost(req, reply []byte) {
-	const in, out = int(unsafe.Sizeof(fuse.InHeader{})), int(unsafe.Sizeof(fuse.OutHeader{}))
-	if len(req) < in || len(reply) < out+8 || c.lostOpen == nil {
-		return
-	}
-	if binary.NativeEndian.Uint32(req[4:]) == opOpen && int32(binary.NativeEndian.Uint32(reply[4:])) == 0 {
+	const out = int(unsafe.Sizeof(fuse.OutHeader{}))
+	if c.lostOpen != nil && opcode(req) == opOpen && len(reply) >= out+8 && int32(binary.NativeEndian.Uint32(reply[4:])) == 0 {
 		c.lostOpen(binary.NativeEndian.Uint64(reply[out:]))
 	}
+}
+
+// opcode is a request's FUSE opcode; 0 if it is too short for a header.
+func opcode(req []byte) uint32 {
+	if len(req) < int(unsafe.Sizeof(fuse.InHeader{})) {
+		return 0
+	}
+	return binary.NativeEndian.Uint32(req[4:])
 }
 
 // Opcodes (include/uapi/linux/fuse.h).

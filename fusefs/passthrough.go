@@ -23,9 +23,10 @@ import (
 // A wiped memory file stays registered with its inode (up to maxIdle a
 // view), and the next open of that inode copies the value into it again:
 // making, mapping, registering, unregistering and closing one cost more
-// than a third of a read. An inode is one version of one key of one view, so a process that
-// kept such a file mapped after closing it sees zeros, and while the key
-// is open again the value it read already, never another.
+// than a third of a read. An inode is one version of one key of one view,
+// so a process that kept such a file mapped after closing it sees zeros,
+// and while the key is open again the value it read already, never
+// another.
 //
 // The kernel lets an inode read from one backing file at a time, and
 // refuses (EIO) a direct I/O open of an inode that has one: opens of a
@@ -44,8 +45,7 @@ const (
 type backing struct {
 	id   int32  // the kernel's backing id on the connection
 	fd   int    // the memory file
-	size int    // of the value it holds
-	mem  []byte // its mapping, locked
+	mem  []byte // its mapping, locked: the value, or zeros
 	refs int    // handles reading it; 0: wiped, kept for the next open
 }
 
@@ -73,16 +73,15 @@ func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, e
 	case !create:
 		return nil, nil
 	case ok:
-		bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
 		// A value of another size under the same version (a record
 		// applied again under its number) gets a file of its own: the
 		// kept one and its mapping have the old size.
-		if b.size == len(pt) && b.fill(pt) == nil {
+		if len(b.mem) == len(pt) && b.fill(pt) == nil {
+			bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
 			b.refs = 1
 			return b, nil
 		}
-		delete(bs.m, id)
-		b.close(c)
+		bs.drop(c, id)
 	}
 	b, err := newBacking(c, pt)
 	if err != nil {
@@ -103,13 +102,10 @@ func (bs *backings) put(c *conn, id uint64, b *backing) {
 	if b.refs--; b.refs > 0 {
 		return
 	}
-	b.zero()
+	clear(b.mem)
 	bs.idle = append(bs.idle, id)
 	if len(bs.idle) > maxIdle {
-		old := bs.idle[0]
-		bs.idle = slices.Delete(bs.idle, 0, 1)
-		bs.m[old].close(c)
-		delete(bs.m, old)
+		bs.drop(c, bs.idle[0])
 	}
 }
 
@@ -118,10 +114,15 @@ func (bs *backings) forget(c *conn, id uint64) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
 	if b, ok := bs.m[id]; ok && b.refs == 0 {
-		bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
-		delete(bs.m, id)
-		b.close(c)
+		bs.drop(c, id)
 	}
+}
+
+// drop closes node id's wiped file; bs.mu is held.
+func (bs *backings) drop(c *conn, id uint64) {
+	bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
+	bs.m[id].close(c)
+	delete(bs.m, id)
 }
 
 // closeAll wipes and closes every memory file: the connection ended.
@@ -180,7 +181,6 @@ func openBacking(c *conn, fd int) (int32, error) {
 // The file is mapped into keyfs, so keyfs's mlockall keeps it out of
 // swap, and filling and wiping it are copies, not system calls.
 func (b *backing) fill(pt []byte) error {
-	b.size = len(pt)
 	if len(pt) == 0 {
 		return nil
 	}
@@ -203,8 +203,8 @@ func (b *backing) close(c *conn) {
 	if c != nil {
 		closeBacking(c, uint32(b.id))
 	}
-	b.zero()
 	if b.mem != nil {
+		clear(b.mem)
 		unix.Munmap(b.mem)
 		b.mem = nil
 	}
@@ -240,9 +240,6 @@ func dropStale(c *conn) {
 		}
 	}()
 }
-
-// zero overwrites the value.
-func (b *backing) zero() { clear(b.mem) }
 
 // negotiatedPassthrough says whether an INIT reply enabled passthrough:
 // the kernel takes it only with a stacking depth.

@@ -35,11 +35,11 @@ func wiped(t *testing.T, s *Server) (bool, int) {
 			continue
 		}
 		kept++
-		buf := make([]byte, b.size)
+		buf := make([]byte, len(b.mem))
 		if _, err := unix.Pread(b.fd, buf, 0); err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(buf, make([]byte, b.size)) {
+		if !bytes.Equal(buf, make([]byte, len(buf))) {
 			return false, kept
 		}
 	}

@@ -2,7 +2,6 @@ package fusefs
 
 import (
 	"bytes"
-	"encoding/binary"
 	"sync"
 	"sync/atomic"
 
@@ -156,14 +155,13 @@ func (p *poller) reader(first *conn, req []byte) {
 		if n == 2 {
 			b = p.conn(ev[1])
 		}
-		if a == nil || b == nil {
-			for _, c := range []*conn{a, b} {
-				if c != nil {
-					p.serve(c, in, 0, out)
-				}
-			}
-		} else {
+		switch {
+		case a != nil && b != nil:
 			p.serveTwo(a, b, held, in, out)
+		case a != nil:
+			p.serve(a, in, 0, out)
+		case b != nil:
+			p.serve(b, in, 0, out)
 		}
 		if !p.rejoin() {
 			return
@@ -229,10 +227,7 @@ func (p *poller) serve(c *conn, in []byte, k int, out []byte) {
 // background says whether a request is one no caller waits for: a
 // RELEASE (the kernel sends it after close returned) or a FORGET.
 func background(req []byte) bool {
-	if len(req) < 8 {
-		return false
-	}
-	switch binary.NativeEndian.Uint32(req[4:]) {
+	switch opcode(req) {
 	case opForget, opRelease, opReleaseDir, opBatchForget:
 		return true
 	}

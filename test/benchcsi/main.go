@@ -112,6 +112,9 @@ type bench struct {
 }
 
 func run() error {
+	if *rounds < 1 || *reads < blocks {
+		return fmt.Errorf("-rounds must be at least 1 and -reads at least %d", blocks)
+	}
 	if os.Geteuid() != 0 {
 		return errors.New("needs root (FUSE mounts)")
 	}
