@@ -1199,3 +1199,38 @@ func TestGoingRoundMounts(t *testing.T) {
 		t.Errorf("going round two mounts started %d readers, want none", n)
 	}
 }
+
+// TestReleaseAfterNextOpen: going round two mounts, the RELEASE of the
+// file just closed is put aside for the OPEN on the other mount, which
+// its caller waits for, and every RELEASE is still answered.
+func TestReleaseAfterNextOpen(t *testing.T) {
+	e := newEnv(t)
+	e.log.StartQueue(4096)
+	e.put("acme", "openai", "v1")
+	sa, a := e.mount(Options{})
+	sb, b := e.mount(Options{})
+	p, err := sharedPoller()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := p.putAside.Load()
+	for i := range 4000 {
+		got, err := os.ReadFile(filepath.Join([]string{a, b}[i%2], "acme", "openai"))
+		if err != nil || string(got) != "v1" {
+			t.Fatalf("read %d: %q, %v", i, got, err)
+		}
+	}
+	t.Logf("%d of 4000 RELEASEs put aside", p.putAside.Load()-before)
+	if p.putAside.Load() == before {
+		t.Error("no RELEASE was put aside for the next mount's OPEN")
+	}
+	within(t, 5*time.Second, "every file handle released", func() bool {
+		open := 0
+		for _, s := range []*Server{sa, sb} {
+			s.handles.mu.Lock()
+			open += len(s.handles.m)
+			s.handles.mu.Unlock()
+		}
+		return open == 0
+	})
+}

@@ -28,8 +28,10 @@ import (
 // later. For the same reason the reader that a wait gives two
 // connections takes a request of each, and answers the one somebody waits
 // for first (a reader going round mounts: its OPEN before the RELEASE of
-// the file it closed, which nobody waits for). More readers start where
-// there is more work: the second of two connections whose requests both
+// the file it closed, which nobody waits for), and a reader that reads a
+// RELEASE while another connection is ready puts the RELEASE aside and
+// answers it after that connection's request (serveOne). More readers
+// start where there is more work: the second of two connections whose requests both
 // have a caller waiting gets a reader of its own, a handler about to do
 // something slow (the store, a synchronous audit write) re-arms its
 // connection and starts a reader if none waits (mayBlock), and a reader
@@ -52,6 +54,9 @@ type poller struct {
 	epfd  int
 	conns sync.Map // id → *conn, the epoll data of its descriptor
 	ids   atomic.Uint64
+	n     atomic.Int32 // connections served
+
+	putAside atomic.Uint64 // requests put aside for another's (serveOne)
 
 	mu      sync.Mutex // starting readers
 	readers int
@@ -92,6 +97,7 @@ func (p *poller) add(c *conn) error {
 		p.conns.Delete(c.id)
 		return err
 	}
+	p.n.Add(1)
 	return nil
 }
 
@@ -106,7 +112,9 @@ func (p *poller) rearm(c *conn) {
 // holder's copy keeps the file, and with it the epoll entry, alive.
 func (p *poller) remove(c *conn) {
 	p.ctl(unix.EPOLL_CTL_DEL, c)
-	p.conns.Delete(c.id)
+	if _, ok := p.conns.LoadAndDelete(c.id); ok {
+		p.n.Add(-1)
+	}
 }
 
 // spawn adds a reader that first serves c, starting with its request
@@ -138,8 +146,9 @@ func (p *poller) reader(first *conn, req []byte) {
 	bufs := readerBufs.Get().(*[3 * bufSize]byte)
 	defer readerBufs.Put(bufs)
 	in, held, out := bufs[:bufSize], bufs[bufSize:2*bufSize], bufs[2*bufSize:]
+	var later aside
 	if first != nil {
-		p.serve(first, in, copy(in, req), out)
+		p.serve(first, in, copy(in, req), out, &later)
 		if !p.rejoin() {
 			return
 		}
@@ -157,11 +166,11 @@ func (p *poller) reader(first *conn, req []byte) {
 		}
 		switch {
 		case a != nil && b != nil:
-			p.serveTwo(a, b, held, in, out)
+			p.serveTwo(a, b, held, in, out, &later)
 		case a != nil:
-			p.serve(a, in, 0, out)
+			p.serve(a, in, 0, out, &later)
 		case b != nil:
-			p.serve(b, in, 0, out)
+			p.serve(b, in, 0, out, &later)
 		}
 		if !p.rejoin() {
 			return
@@ -172,18 +181,18 @@ func (p *poller) reader(first *conn, req []byte) {
 // serveTwo serves two connections with requests: a request somebody waits
 // for before one nobody does, and a reader of its own for the second if
 // both have a caller waiting.
-func (p *poller) serveTwo(a, b *conn, inA, inB, out []byte) {
+func (p *poller) serveTwo(a, b *conn, inA, inB, out []byte, later *aside) {
 	ka, kb := a.take(inA), b.take(inB)
 	waitA, waitB := ka > 0 && !background(inA[:ka]), kb > 0 && !background(inB[:kb])
 	switch {
 	case waitA && waitB && p.spawn(b, inB[:kb]):
-		p.serve(a, inA, ka, out)
+		p.serve(a, inA, ka, out, later)
 	case waitB && !waitA:
-		p.serve(b, inB, kb, out)
-		p.serve(a, inA, ka, out)
+		p.serve(b, inB, kb, out, later)
+		p.serve(a, inA, ka, out, later)
 	default:
-		p.serve(a, inA, ka, out)
-		p.serve(b, inB, kb, out)
+		p.serve(a, inA, ka, out, later)
+		p.serve(b, inB, kb, out, later)
 	}
 }
 
@@ -197,12 +206,29 @@ func (p *poller) conn(ev unix.EpollEvent) *conn {
 
 // serve answers the requests of c until none is there, maxDrain were, or
 // a handler re-armed c; then it re-arms c (unless the handler did). If k
-// > 0, in holds the first, taken already.
-func (p *poller) serve(c *conn, in []byte, k int, out []byte) {
+// > 0, in holds the first, taken already. It answers the requests put
+// aside last, and those it puts aside, before it returns.
+func (p *poller) serve(c *conn, in []byte, k int, out []byte, later *aside) {
+	for c != nil {
+		c = p.serveOne(c, in, k, out, later)
+		k = 0
+	}
+	later.answer(nil, out)
+}
+
+// serveOne is serve for one connection: it returns the next one to
+// serve, if a request of c that nobody waits for (a RELEASE, a FORGET)
+// was put aside for another connection's ready request. A reader going
+// round mounts closes a file on one and opens one on the next: the
+// reader that answered the OPEN of the first finds the RELEASE when it
+// reads that connection again, and the OPEN it waits for would wait
+// behind its answer, a re-arm and a wait. The requests put aside are
+// answered after the next reply, while its caller runs.
+func (p *poller) serveOne(c *conn, in []byte, k int, out []byte, later *aside) *conn {
 	c.use.RLock()
 	defer c.use.RUnlock()
 	if c.closed {
-		return // a request taken is dropped: there is no one to answer
+		return nil // a request taken is dropped: there is no one to answer
 	}
 	ok := k > 0
 	if !ok {
@@ -210,9 +236,20 @@ func (p *poller) serve(c *conn, in []byte, k int, out []byte) {
 	}
 	c.early.Store(false)
 	for i := 1; ok; i++ {
+		bg := background(in[:k])
+		if bg && later.room(k) && p.n.Load() > 1 {
+			if d := p.readyElsewhere(c); d != nil {
+				later.put(c, in[:k]) // c is re-armed once it is answered
+				p.putAside.Add(1)
+				return d
+			}
+		}
 		c.handle(in[:k], out)
+		if !bg {
+			later.answer(c, out)
+		}
 		if c.early.Load() {
-			return // re-armed: other readers take the rest
+			return nil // re-armed: other readers take the rest
 		}
 		if i == maxDrain {
 			break
@@ -222,6 +259,60 @@ func (p *poller) serve(c *conn, in []byte, k int, out []byte) {
 	if !ended(c) {
 		p.rearm(c)
 	}
+	return nil
+}
+
+// readyElsewhere returns a connection other than c with a request, taking
+// its readiness; nil if there is none.
+func (p *poller) readyElsewhere(c *conn) *conn {
+	var ev [1]unix.EpollEvent
+	if n, err := unix.EpollWait(p.epfd, ev[:], 0); err != nil || n != 1 {
+		return nil
+	}
+	d := p.conn(ev[0])
+	if d == c { // a handler re-armed c: its next request is any reader's
+		p.rearm(c)
+		return nil
+	}
+	return d
+}
+
+// aside holds a reader's requests put off for a request somebody waits
+// for: a RELEASE or a FORGET is under a hundred bytes.
+type aside struct {
+	n    int
+	conn [4]*conn
+	size [4]int
+	req  [4][256]byte
+}
+
+func (a *aside) room(k int) bool { return a.n < len(a.conn) && k <= len(a.req[0]) }
+
+func (a *aside) put(c *conn, req []byte) {
+	a.conn[a.n], a.size[a.n] = c, copy(a.req[a.n][:], req)
+	a.n++
+}
+
+// answer answers the requests put aside and re-arms their connections,
+// but held, which the caller serves.
+func (a *aside) answer(held *conn, out []byte) {
+	for i := range a.n {
+		c, req := a.conn[i], a.req[i][:a.size[i]]
+		a.conn[i] = nil
+		if c == held {
+			c.handle(req, out)
+			continue
+		}
+		c.use.RLock()
+		if !c.closed {
+			c.handle(req, out)
+			if !ended(c) {
+				c.poller.rearm(c)
+			}
+		}
+		c.use.RUnlock()
+	}
+	a.n = 0
 }
 
 // background says whether a request is one no caller waits for: a
