@@ -1,10 +1,11 @@
 package fusefs
 
 import (
+	"container/list"
 	"encoding/binary"
 	"fmt"
-	"slices"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -20,10 +21,14 @@ import (
 // reading it is released. Nothing is cached between opens: each is
 // decrypted and audited here.
 //
-// A wiped memory file stays registered with its inode (up to maxIdle a
-// view), and the next open of that inode copies the value into it again:
-// making, mapping, registering, unregistering and closing one cost more
-// than a third of a read. An inode is one version of one key of one view,
+// A wiped memory file stays registered with its inode, and the next open
+// of that inode copies the value into it again: making, mapping,
+// registering, unregistering and closing one cost more than a third of a
+// read, and a reader going round more keys than are kept waits twice as
+// long for each. The views of a process keep idleBudget files in all,
+// shared out equally among the views that keep any, minIdle at least
+// each: one view (a gateway reading every tenant's key) keeps a thousand,
+// 110 volumes 16 each. An inode is one version of one key of one view,
 // so a process that kept such a file mapped after closing it sees zeros,
 // and while the key is open again the value it read already, never
 // another.
@@ -43,20 +48,31 @@ const (
 // backing is the memory file the open files of one key inode (one
 // version) read.
 type backing struct {
-	id   int32  // the kernel's backing id on the connection
-	fd   int    // the memory file
-	mem  []byte // its mapping, locked: the value, or zeros
-	refs int    // handles reading it; 0: wiped, kept for the next open
+	id   int32         // the kernel's backing id on the connection
+	fd   int           // the memory file
+	mem  []byte        // its mapping, locked: the value, or zeros
+	refs int           // handles reading it; 0: wiped, kept for the next open
+	idle *list.Element // in backings.idle while wiped
 }
 
-// maxIdle bounds the wiped memory files a view keeps for the next open.
-const maxIdle = 16
+// idleBudget bounds the wiped memory files the views keep for the next
+// open, minIdle what one keeps at least: a value is 4 KiB of locked
+// memory and a descriptor, mostly. A variable for tests.
+var idleBudget = 1024
+
+const minIdle = 16
+
+// keepers counts the views with memory files.
+var keepers atomic.Int32
+
+// idleShare is what one view may keep.
+func idleShare() int { return max(minIdle, idleBudget/max(1, int(keepers.Load()))) }
 
 // backings are a view's memory files, by node id.
 type backings struct {
 	mu   sync.Mutex
 	m    map[uint64]*backing
-	idle []uint64 // nodes whose file is wiped, least recently used first
+	idle list.List // of node ids whose file is wiped, least recently used first
 }
 
 // get returns the memory file of node id, holding pt: the one the node's
@@ -77,8 +93,8 @@ func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, e
 		// applied again under its number) gets a file of its own: the
 		// kept one and its mapping have the old size.
 		if len(b.mem) == len(pt) && b.fill(pt) == nil {
-			bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
-			b.refs = 1
+			bs.idle.Remove(b.idle)
+			b.idle, b.refs = nil, 1
 			return b, nil
 		}
 		bs.drop(c, id)
@@ -89,13 +105,15 @@ func (bs *backings) get(c *conn, id uint64, pt []byte, create bool) (*backing, e
 	}
 	if bs.m == nil {
 		bs.m = map[uint64]*backing{}
+		keepers.Add(1)
 	}
 	bs.m[id] = b
 	return b, nil
 }
 
 // put drops a handle's reference; the last one wipes the file and keeps
-// it for the next open, closing the least recently used beyond maxIdle.
+// it for the next open, closing the least recently used beyond the
+// view's share.
 func (bs *backings) put(c *conn, id uint64, b *backing) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
@@ -103,9 +121,9 @@ func (bs *backings) put(c *conn, id uint64, b *backing) {
 		return
 	}
 	clear(b.mem)
-	bs.idle = append(bs.idle, id)
-	if len(bs.idle) > maxIdle {
-		bs.drop(c, bs.idle[0])
+	b.idle = bs.idle.PushBack(id)
+	for n := idleShare(); bs.idle.Len() > n; {
+		bs.drop(c, bs.idle.Front().Value.(uint64))
 	}
 }
 
@@ -120,8 +138,11 @@ func (bs *backings) forget(c *conn, id uint64) {
 
 // drop closes node id's wiped file; bs.mu is held.
 func (bs *backings) drop(c *conn, id uint64) {
-	bs.idle = slices.DeleteFunc(bs.idle, func(n uint64) bool { return n == id })
-	bs.m[id].close(c)
+	b := bs.m[id]
+	if b.idle != nil {
+		bs.idle.Remove(b.idle)
+	}
+	b.close(c)
 	delete(bs.m, id)
 }
 
@@ -133,7 +154,11 @@ func (bs *backings) closeAll(c *conn) {
 		delete(bs.m, id)
 		b.close(c)
 	}
-	bs.idle = nil
+	if bs.m != nil {
+		bs.m = nil
+		keepers.Add(-1)
+	}
+	bs.idle.Init()
 }
 
 // inUse counts the memory files open files read.

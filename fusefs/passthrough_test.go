@@ -97,11 +97,14 @@ func TestPassthroughShares(t *testing.T) {
 
 // TestPassthroughReuses: the next open of a key finds its wiped memory
 // file and fills it again (one file made for many opens, each reading the
-// value); a view keeps at most maxIdle wiped files, and none once the
-// kernel forgot their inodes.
+// value); the views keep idleBudget wiped files in all, shared out among
+// them, and none once the kernel forgot their inodes.
 func TestPassthroughReuses(t *testing.T) {
+	budget := idleBudget
+	idleBudget = 2*minIdle + 8
+	t.Cleanup(func() { idleBudget = budget })
 	e := newEnv(t)
-	const keys = maxIdle + 4
+	keys := idleBudget + 4
 	for i := range keys {
 		e.put("acme", fmt.Sprintf("k%02d", i), fmt.Sprintf("value-%02d", i))
 	}
@@ -128,16 +131,29 @@ func TestPassthroughReuses(t *testing.T) {
 	if len(ids) != 3 || ids[0] != ids[1] || ids[1] != ids[2] {
 		t.Errorf("3 opens of one key read memory files %v, want one and the same", ids)
 	}
-	for i := range keys {
-		name := fmt.Sprintf("k%02d", i)
-		b, err := os.ReadFile(filepath.Join(mnt, "acme", name))
-		if want := fmt.Sprintf("value-%02d", i); err != nil || string(b) != want {
-			t.Fatalf("read %s: %q, %v; want %q", name, b, err, want)
+	readAll := func(mnt string) {
+		for i := range keys {
+			name := fmt.Sprintf("k%02d", i)
+			b, err := os.ReadFile(filepath.Join(mnt, "acme", name))
+			if want := fmt.Sprintf("value-%02d", i); err != nil || string(b) != want {
+				t.Fatalf("read %s: %q, %v; want %q", name, b, err, want)
+			}
 		}
 	}
+	readAll(mnt)
 	within(t, 5*time.Second, "no memory file read", func() bool { return s.backings.inUse() == 0 })
-	if ok, kept := wiped(t, s); !ok || kept != maxIdle {
-		t.Errorf("after reading %d keys: %d memory files kept (want %d), all wiped %v", keys, kept, maxIdle, ok)
+	if ok, kept := wiped(t, s); !ok || kept != idleBudget {
+		t.Errorf("one view, after reading %d keys: %d memory files kept (want %d), all wiped %v", keys, kept, idleBudget, ok)
+	}
+	// A second view that keeps files halves the first one's share.
+	s2, mnt2 := e.mount(Options{})
+	readAll(mnt2)
+	readAll(mnt)
+	within(t, 5*time.Second, "no memory file read", func() bool { return s.backings.inUse()+s2.backings.inUse() == 0 })
+	for i, v := range []*Server{s, s2} {
+		if ok, kept := wiped(t, v); !ok || kept != idleBudget/2 {
+			t.Errorf("view %d of 2: %d memory files kept (want %d), all wiped %v", i+1, kept, idleBudget/2, ok)
+		}
 	}
 	// Dropping the dentry cache makes the kernel forget the inodes.
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("2"), 0); err != nil {

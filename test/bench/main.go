@@ -48,11 +48,15 @@ var (
 	cpuProfile = flag.String("cpuprofile", "", "write a CPU profile of this process (the keyfs server)")
 
 	inproc     = flag.Bool("inproc", false, "read from goroutines of this process instead of a child process")
-	readerMode = flag.String("reader", "", "internal: run as a reader child (latency, throughput, walk)")
+	readerMode = flag.String("reader", "", "internal: run as a reader child (latency, round, throughput, walk)")
 	readerPath = flag.String("path", "", "internal: file or mount the reader child reads")
 )
 
 const valueSize = 64
+
+// roundKeys is how many keys of the large view the round reader goes
+// round: fewer than a view keeps memory files for (passthrough.go).
+const roundKeys = 256
 
 func main() {
 	flag.Parse()
@@ -154,6 +158,9 @@ func run() error {
 	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		return fmt.Errorf("no FUSE: %w", err)
+	}
+	if *tenants < roundKeys {
+		return fmt.Errorf("-tenants %d: the large store needs %d tenants at least (the round reader reads %d)", *tenants, roundKeys, roundKeys)
 	}
 	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	work, err := os.MkdirTemp("", "keyfs-bench-")
@@ -274,6 +281,15 @@ func run() error {
 			k.run.lats = append(k.run.lats, lat)
 			fmt.Fprintf(os.Stderr, "  %d tenants p50 %s", k.run.tenants, us(lat.P50))
 		}
+		lat, err := child("round", kl.mnt, roundKeys, nil)
+		if err != nil {
+			return err
+		}
+		if lat.Errors > 0 {
+			return fmt.Errorf("going round %d keys of %s: %d errors, first: %s", roundKeys, kl.mnt, lat.Errors, lat.First)
+		}
+		kl.round = append(kl.round, lat)
+		fmt.Fprintf(os.Stderr, "  round %d keys p50 %s", roundKeys, us(lat.P50))
 		fmt.Fprintln(os.Stderr)
 	}
 	if err := walk(&kl); err != nil {
@@ -385,6 +401,7 @@ type keyfsRun struct {
 	path      string // the key measured
 	mnt       string
 	lats      []result
+	round     []result      // going round roundKeys keys
 	start     time.Duration // Mount call to first successful read
 	rssFirst  int64         // RSS growth at first read
 	rssWalk   int64         // RSS growth after reading every key
@@ -590,6 +607,8 @@ func printReport(rows []*row, decrypt time.Duration, small, large keyfsRun, idle
 	}
 	scale := ratio(p50, large.lats, small.lats)
 	fmt.Printf("%-18s %11.2fx\n", fmt.Sprintf("%d/%d", large.tenants, small.tenants), scale)
+	fmt.Printf("%-18s %12s %11.2fx one key of the view (a gateway reading many tenants' keys)\n",
+		fmt.Sprintf("round %d keys", roundKeys), us(median(large.round, p50)), ratio(p50, large.round, large.lats))
 
 	share := float64(decrypt) / median(k.lats, p50)
 	fmt.Printf("\ndecryption (MasterKey.Open, data key cached): %s = %.1f%% of keyfs p50\n", us(decrypt), 100*share)

@@ -71,8 +71,9 @@ func readerMain(mode, path string, conc int, dur time.Duration) error {
 	return json.NewEncoder(os.Stdout).Encode(res)
 }
 
-// runReader reads in mode latency (one reader, every read timed),
-// throughput (conc readers, counted) or walk (every file under path once).
+// runReader reads in mode latency (one reader, every read timed), round
+// (latency going round keys), throughput (conc readers, counted) or walk
+// (every file under path once).
 func runReader(mode, path string, conc int, dur time.Duration, want []byte) (result, error) {
 	var res result
 	var mu sync.Mutex
@@ -87,6 +88,8 @@ func runReader(mode, path string, conc int, dur time.Duration, want []byte) (res
 	check := func(b []byte, err error) {
 		if err == nil && want != nil && !bytes.Equal(b, want) {
 			err = fmt.Errorf("read %d bytes, not the expected value", len(b))
+		} else if err == nil && len(b) == 0 {
+			err = fmt.Errorf("read nothing")
 		}
 		if err != nil {
 			fail(err)
@@ -94,16 +97,26 @@ func runReader(mode, path string, conc int, dur time.Duration, want []byte) (res
 	}
 	start := time.Now()
 	switch mode {
-	case "latency":
+	case "latency", "round":
+		// latency reads path; round goes round the openai keys of the
+		// first conc tenants of the mount at path, as a gateway serving
+		// many tenants from one volume does.
+		paths := []string{path}
+		if mode == "round" {
+			paths = paths[:0]
+			for i := range conc {
+				paths = append(paths, filepath.Join(path, fmt.Sprintf("t%05d", i), "openai"))
+			}
+		}
 		buf := make([]byte, 4096)
-		for range 200 { // warm up caches and the server's threads
-			check(readOnce(path, buf))
+		for i := range 200 + len(paths) { // warm up caches and the server's threads
+			check(readOnce(paths[i%len(paths)], buf))
 		}
 		lat := make([]time.Duration, 0, 1<<16)
 		start = time.Now()
-		for time.Since(start) < dur {
+		for i := 0; time.Since(start) < dur; i++ {
 			t := time.Now()
-			b, err := readOnce(path, buf)
+			b, err := readOnce(paths[i%len(paths)], buf)
 			lat = append(lat, time.Since(t))
 			check(b, err)
 		}
