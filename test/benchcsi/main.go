@@ -51,6 +51,7 @@ var (
 	idle    = flag.Duration("idle", 30*time.Second, "how long to measure the CPU of the daemon with every volume published and no reads")
 	reads   = flag.Int("reads", 2000, "key reads per round and read-latency figure")
 	rounds  = flag.Int("rounds", 6, "rounds of read-latency figures")
+	hold    = flag.Bool("hold", false, "once the volumes are published, keep them up for outside tools (perf, a reader in C) instead of measuring reads")
 )
 
 func main() {
@@ -176,9 +177,12 @@ func run() error {
 	// and, within a round, blocks alternate one mount and all, so that
 	// the machine's drift (where the scheduler put the threads, mostly)
 	// hits the figures compared alike.
-	if os.Getenv("HOLD") != "" {
-		fmt.Fprintf(os.Stderr, "HOLD daemon %d dir %s\n", b.daemon.Process.Pid, b.kubelet)
-		time.Sleep(time.Hour)
+	if *hold {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		fmt.Fprintf(os.Stderr, "holding: daemon PID %d, volumes under %s; SIGINT or SIGTERM ends\n", b.daemon.Process.Pid, b.kubelet)
+		<-ctx.Done()
+		return nil
 	}
 	first, rest := many[:1], many[1:]
 	var with1, withN, roundN []time.Duration
