@@ -70,8 +70,9 @@ type MasterKey struct {
 	pub      *PublicKey
 	auditKey []byte // HMAC key for audit checkpoints, derived from the seed
 
-	mu   sync.Mutex
-	deks map[[32]byte][]byte // per-record data keys, by sha256(info, enc)
+	mu      sync.Mutex
+	deks    map[[32]byte][]byte      // per-record data keys, by sha256(info, enc)
+	pending map[[32]byte]*unwrapping // decapsulations under way; one that ends after Close wipes its key
 
 	// The key ring: other masters whose records this one opens (older
 	// ones after a rotation), and how to find one it does not hold yet.
@@ -163,7 +164,7 @@ func NewMasterKey(seed []byte) (*MasterKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("derive audit key: %w", err)
 	}
-	return &MasterKey{priv: priv, pub: newPublicKey(priv.PublicKey()), auditKey: ak, deks: map[[32]byte][]byte{}}, nil
+	return &MasterKey{priv: priv, pub: newPublicKey(priv.PublicKey()), auditKey: ak, deks: map[[32]byte][]byte{}, pending: map[[32]byte]*unwrapping{}}, nil
 }
 
 const auditKeyInfo = "keyfs audit checkpoint key v1"
@@ -226,31 +227,77 @@ func dekID(info, enc []byte) (id [32]byte) {
 	return id
 }
 
-// dek returns the data key with cache id, from cache or by one HPKE
-// decapsulation of enc.
-func (m *MasterKey) dek(id [32]byte, info, enc []byte) ([]byte, error) {
+// unwrapping is a decapsulation under way, which opens of its record
+// wait for.
+type unwrapping struct {
+	done chan struct{} // closed, under MasterKey.mu, once key or err is set
+	key  []byte
+	err  error
+}
+
+// errClosed is what opening with a closed master key says.
+var errClosed = errors.New("master key is closed")
+
+// unwrapHook, if set, runs before each decapsulation: tests hold one.
+var unwrapHook func()
+
+// dek returns record r's data key, from cache or by one HPKE
+// decapsulation. A decapsulation runs outside m.mu, so opens of other
+// records go on meanwhile, and one runs at a time per record: concurrent
+// opens of a record not cached yet wait for the first. (Caching the
+// AES-GCM cipher instead saved 0.6 µs an open, 3% of a read, for 1.6 KB
+// a record against 32 bytes, 48 MB more at 30,000 records read, and Go
+// cannot wipe a cipher.)
+func (m *MasterKey) dek(r *Record) ([]byte, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if k, ok := m.deks[id]; ok {
+	if k, ok := m.deks[r.dekID]; ok {
+		m.mu.Unlock()
 		return k, nil
 	}
 	if m.priv == nil {
-		return nil, fmt.Errorf("master key is closed")
+		m.mu.Unlock()
+		return nil, errClosed
 	}
-	r, err := hpke.NewRecipient(enc, m.priv, hpke.HKDFSHA256(), hpke.ExportOnly(), info)
-	if err != nil {
-		return nil, err
+	if u, ok := m.pending[r.dekID]; ok {
+		m.mu.Unlock()
+		<-u.done
+		return u.key, u.err
 	}
-	k, err := r.Export(dekContext, 32)
-	if err != nil {
-		return nil, err
-	}
-	if len(m.deks) >= maxCachedDEKs {
-		for id, v := range m.deks {
-			clear(v)
-			delete(m.deks, id)
+	u := &unwrapping{done: make(chan struct{})}
+	m.pending[r.dekID] = u
+	priv := m.priv
+	m.mu.Unlock()
+
+	k, err := unwrap(priv, r)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.pending, r.dekID)
+	switch {
+	case err == nil && m.priv == nil: // closed meanwhile
+		clear(k)
+		k, err = nil, errClosed
+	case err == nil:
+		if len(m.deks) >= maxCachedDEKs {
+			for id, v := range m.deks {
+				clear(v)
+				delete(m.deks, id)
+			}
 		}
+		m.deks[r.dekID] = k
 	}
-	m.deks[id] = k
-	return k, nil
+	u.key, u.err = k, err
+	close(u.done)
+	return k, err
+}
+
+// unwrap decapsulates r's data key.
+func unwrap(priv hpke.PrivateKey, r *Record) ([]byte, error) {
+	if unwrapHook != nil {
+		unwrapHook()
+	}
+	rc, err := hpke.NewRecipient(r.enc, priv, hpke.HKDFSHA256(), hpke.ExportOnly(), recordInfo(r.Tenant, r.Name))
+	if err != nil {
+		return nil, err
+	}
+	return rc.Export(dekContext, 32)
 }
