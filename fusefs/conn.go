@@ -218,10 +218,15 @@ func (c *conn) serve() error {
 	return p.add(c)
 }
 
-// readerBufs holds readers' buffers (two requests, one reply): readers
-// come and go with the load, and fresh buffers of 264 kB each made most
-// of a busy daemon's garbage.
-var readerBufs = sync.Pool{New: func() any { return new([3 * bufSize]byte) }}
+// readerBufs holds readers' buffers (two requests, one reply, the
+// requests put aside): readers come and go with the load, and fresh
+// buffers of 264 kB each made most of a busy daemon's garbage.
+var readerBufs = sync.Pool{New: func() any { return new(readerState) }}
+
+type readerState struct {
+	bufs  [3 * bufSize]byte
+	later aside // empty between serves
+}
 
 // read reads the request the poller saw; false when there was none.
 func (c *conn) read(in []byte) (int, bool) {

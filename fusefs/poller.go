@@ -143,12 +143,12 @@ func (p *poller) mayBlock() {
 }
 
 func (p *poller) reader(first *conn, req []byte) {
-	bufs := readerBufs.Get().(*[3 * bufSize]byte)
-	defer readerBufs.Put(bufs)
-	in, held, out := bufs[:bufSize], bufs[bufSize:2*bufSize], bufs[2*bufSize:]
-	var later aside
+	st := readerBufs.Get().(*readerState)
+	defer readerBufs.Put(st)
+	in, held, out := st.bufs[:bufSize], st.bufs[bufSize:2*bufSize], st.bufs[2*bufSize:]
+	later := &st.later
 	if first != nil {
-		p.serve(first, in, copy(in, req), out, &later)
+		p.serve(first, in, copy(in, req), out, later)
 		if !p.rejoin() {
 			return
 		}
@@ -166,11 +166,11 @@ func (p *poller) reader(first *conn, req []byte) {
 		}
 		switch {
 		case a != nil && b != nil:
-			p.serveTwo(a, b, held, in, out, &later)
+			p.serveTwo(a, b, held, in, out, later)
 		case a != nil:
-			p.serve(a, in, 0, out, &later)
+			p.serve(a, in, 0, out, later)
 		case b != nil:
-			p.serve(b, in, 0, out, &later)
+			p.serve(b, in, 0, out, later)
 		}
 		if !p.rejoin() {
 			return

@@ -2,6 +2,7 @@ package keystore
 
 import (
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -99,5 +100,35 @@ func TestCloseDuringUnwrap(t *testing.T) {
 	}
 	if err := <-openAsync(m, r, "v1"); !errors.Is(err, errClosed) {
 		t.Errorf("open after Close: %v, want %v", err, errClosed)
+	}
+}
+
+// TestCiphersBounded: the ciphers kept made are at most maxCiphers, an
+// open of a record whose cipher was dropped still opens it, and Close
+// drops them all.
+func TestCiphersBounded(t *testing.T) {
+	m := newMaster(t)
+	var recs []*Record
+	for i := range maxCiphers + 8 {
+		recs = append(recs, mustSeal(t, m, "acme", fmt.Sprintf("k%04d", i), fmt.Sprintf("v%04d", i)))
+	}
+	kept := func() int {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return len(m.ciphers)
+	}
+	for round := range 2 {
+		for i, r := range recs {
+			if err := <-openAsync(m, r, fmt.Sprintf("v%04d", i)); err != nil {
+				t.Fatalf("round %d, record %d: %v", round, i, err)
+			}
+		}
+		if n := kept(); n != maxCiphers {
+			t.Errorf("round %d: %d ciphers kept for %d records opened, want %d", round, n, len(recs), maxCiphers)
+		}
+	}
+	m.Close()
+	if n := kept(); n != 0 {
+		t.Errorf("a closed master key keeps %d ciphers", n)
 	}
 }

@@ -510,6 +510,7 @@ func BenchmarkOpenUncached(b *testing.B) {
 	for b.Loop() {
 		m.mu.Lock()
 		clear(m.deks)
+		clear(m.ciphers)
 		m.mu.Unlock()
 		v, err := m.Open(r, "acme", "openai")
 		if err != nil {

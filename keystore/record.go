@@ -216,16 +216,12 @@ func (m *MasterKey) Open(r *Record, tenant, name string) ([]byte, error) {
 	}
 	// r's tenant and name equal the expected ones (checked above), so the
 	// id and additional data derived from its headers are the right ones.
-	dek, err := m.dek(r)
+	g, err := m.cipher(r)
 	if errors.Is(err, errClosed) {
 		return nil, err
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: %s/%s version %d: cannot unwrap its data key (tampered): %w", ErrIntegrity, tenant, name, r.Version, err)
-	}
-	g, err := newGCM(dek)
-	if err != nil {
-		return nil, err
 	}
 	v, err := g.Open(nil, zeroNonce, r.ct, r.aad)
 	if err != nil {
