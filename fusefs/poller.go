@@ -239,8 +239,13 @@ func (p *poller) serveOne(c *conn, in []byte, k int, out []byte, later *aside) *
 		bg := background(in[:k])
 		if bg && later.room(k) && p.n.Load() > 1 {
 			if d := p.readyElsewhere(c); d != nil {
-				later.put(c, in[:k]) // c is re-armed once it is answered
+				// c's next requests are any reader's meanwhile: the
+				// request d has may be a slow one.
+				later.put(c, in[:k])
 				p.putAside.Add(1)
+				if !ended(c) {
+					p.rearm(c)
+				}
 				return d
 			}
 		}
@@ -293,8 +298,8 @@ func (a *aside) put(c *conn, req []byte) {
 	a.n++
 }
 
-// answer answers the requests put aside and re-arms their connections,
-// but held, which the caller serves.
+// answer answers the requests put aside. held is a connection the
+// caller holds (serveOne's), to be used as is.
 func (a *aside) answer(held *conn, out []byte) {
 	for i := range a.n {
 		c, req := a.conn[i], a.req[i][:a.size[i]]
@@ -303,12 +308,14 @@ func (a *aside) answer(held *conn, out []byte) {
 			c.handle(req, out)
 			continue
 		}
-		c.use.RLock()
+		// A writer holds or waits for c only to close it: there is then
+		// no one to answer, and waiting for it while holding held could
+		// close a cycle with a reader that holds c and waits for held.
+		if !c.use.TryRLock() {
+			continue
+		}
 		if !c.closed {
 			c.handle(req, out)
-			if !ended(c) {
-				c.poller.rearm(c)
-			}
 		}
 		c.use.RUnlock()
 	}
