@@ -22,21 +22,21 @@ import (
 // halted vCPU woken for either direction.
 //
 // One reader waits at a time, and a reader that takes a request does not
-// start another: a second waiting thread would be woken, on the other
-// CPU, by a request on another mount (a reader going round mounts, a
-// RELEASE and the next OPEN) that the busy reader takes microseconds
-// later. For the same reason the reader that a wait gives two
-// connections takes a request of each, and answers the one somebody waits
-// for first (a reader going round mounts: its OPEN before the RELEASE of
-// the file it closed, which nobody waits for), and a reader that reads a
-// RELEASE while another connection is ready puts the RELEASE aside and
-// answers it after that connection's request (serveOne). More readers
-// start where there is more work: the second of two connections whose requests both
-// have a caller waiting gets a reader of its own, a handler about to do
-// something slow (the store, a synchronous audit write) re-arms its
-// connection and starts a reader if none waits (mayBlock), and a reader
-// re-arms a connection after maxDrain requests in a row, so a busy mount
-// cannot keep the others waiting.
+// start another: a second waiting thread would be woken, on the other CPU,
+// by a request on another mount (a reader going round mounts, a RELEASE
+// and the next OPEN) that the busy reader takes microseconds later. For
+// the same reason the reader that a wait gives two connections takes a
+// request of each, and answers the one somebody waits for first (a reader
+// going round mounts: its OPEN before the RELEASE of the file it closed,
+// which nobody waits for), and a reader that reads a RELEASE while another
+// connection is ready puts the RELEASE aside and answers it after that
+// connection's request (serveOne). More readers start where there is more
+// work: the second of two connections whose requests both have a caller
+// waiting gets a reader of its own, a handler about to do something slow
+// (the store, a synchronous audit write) re-arms its connection and starts
+// a reader if none waits (mayBlock), and a reader re-arms a connection
+// after maxDrain requests in a row, so a busy mount cannot keep the others
+// waiting.
 //
 // Descriptors are non-blocking: a request can vanish between the event
 // and the read (its caller was killed), and a blocking read would then
